@@ -1,0 +1,683 @@
+"""A Llama-2 / Mistral decoder written out by hand, with checkpoint loading, the
+sentencepiece tokenizer with its chat templates, and generation.
+
+The base language model of GenerativeAdapter is frozen: this file knows nothing of
+generators. It offers the two hooks the method needs (SPEC 1 and 2):
+  * `adapter`: a callable `(layer_index, h) -> {module_name: delta_fn}` called with the
+    residual stream `h` entering each layer; each `delta_fn(x)` is added to the output of
+    the linear module of that name (`q_proj` ... `down_proj`) for this call only;
+  * `return_hidden`: the residual streams entering each layer (hidden state l of the usual
+    `output_hidden_states` list).
+
+Read top to bottom: config, norm, RoPE, attention, MLP, block, model, loading and saving,
+tokenizer, generation.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DeltaFn = Callable[[torch.Tensor], torch.Tensor]
+Adapter = Callable[[int, torch.Tensor], dict[str, DeltaFn]]
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768
+    sliding_window: int | None = None  # Mistral v0.1: each token sees the last 4096
+    tie_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+    model_type: str = "mistral"  # "llama" or "mistral": picks the chat template
+    dtype: str = "bfloat16"  # the checkpoint's dtype, used on CUDA
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        """Reads a Hugging Face config.json (transformers 4.x or 5.x spelling)."""
+        def need(key):
+            if key not in cfg:
+                raise ValueError(f"{source}: missing field '{key}'")
+            return cfg[key]
+
+        model_type = need("model_type")
+        if model_type not in ("llama", "mistral"):
+            raise ValueError(f"{source}: model_type '{model_type}' is not supported "
+                             "(expected 'llama' or 'mistral')")
+        if "rope_parameters" in cfg:  # transformers 5.x
+            rope, field = cfg["rope_parameters"] or {}, "rope_parameters.rope_type"
+            theta = rope.get("rope_theta", 10000.0)
+            rope_type = rope.get("rope_type", "default")
+        else:  # transformers 4.x
+            rope, field = cfg.get("rope_scaling") or {}, "rope_scaling.rope_type"
+            theta = cfg.get("rope_theta", 10000.0)
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: {field} '{rope_type}' is not implemented "
+                             "(only plain RoPE, 'default', is)")
+        dim, n_heads = need("hidden_size"), need("num_attention_heads")
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"{source}: dtype '{dtype}' is not one of {sorted(DTYPES)}")
+        return cls(
+            dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            hidden_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            max_seq_len=need("max_position_embeddings"),
+            sliding_window=cfg.get("sliding_window"),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_id=cfg.get("bos_token_id", 1), eos_id=cfg.get("eos_token_id", 2),
+            model_type=model_type, dtype=dtype)
+
+    @classmethod
+    def from_params(cls, params: dict, source: str = "params.json") -> "ModelArgs":
+        """Reads a Mistral / Meta params.json (consolidated format)."""
+        def need(key):
+            if key not in params:
+                raise ValueError(f"{source}: missing field '{key}'")
+            return params[key]
+
+        dim, n_heads = need("dim"), need("n_heads")
+        hidden_dim = params.get("hidden_dim")
+        if hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
+            hidden_dim = int(float(params.get("ffn_dim_multiplier") or 1.0) * int(8 * dim / 3))
+            multiple = need("multiple_of")
+            hidden_dim = multiple * math.ceil(hidden_dim / multiple)
+        return cls(
+            dim=dim, n_layers=need("n_layers"), n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            head_dim=params.get("head_dim") or dim // n_heads, hidden_dim=hidden_dim,
+            vocab_size=need("vocab_size"), norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            # params.json does not state the context length; Mistral's models use 32768.
+            max_seq_len=params.get("max_seq_len", 32768),
+            sliding_window=params.get("sliding_window"), model_type="mistral")
+
+    def to_hf_config(self) -> dict:
+        """The config.json that save_pretrained writes (transformers 4.x spelling)."""
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[self.model_type]
+        cfg = {
+            "architectures": [arch], "model_type": self.model_type,
+            "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_seq_len, "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id, "hidden_act": "silu", "torch_dtype": self.dtype,
+        }
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+        return cfg
+
+    def num_params(self) -> int:
+        """Parameters of the model (the output head counted once when tied)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.n_layers * block + self.vocab_size * self.dim + head + self.dim
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in float32, as Llama and Mistral do
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """RoPE tables for the given positions (B, T) -> cos, sin (B, 1, T, head_dim), float32."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share a frequency
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (B, H, T, head_dim) pairs (i, i + head_dim/2): the rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+
+
+def linear(module: nn.Linear, name: str, x: torch.Tensor, deltas: dict[str, DeltaFn] | None):
+    """module(x), plus the caller's delta for this module name when there is one."""
+    y = module(x)
+    if deltas and name in deltas:
+        y = y + deltas[name](x).to(y.dtype)
+    return y
+
+
+class KVCache:
+    """Preallocated keys and values for all layers, with each slot's position and validity.
+
+    Slots are shared by the rows of a batch; positions are per row, so left-padded prompts
+    of different lengths decode together. All slots are kept (no rolling buffer): a sliding
+    window is applied through the attention mask, which is exact.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0  # slots filled
+        self.padded = False  # whether any filled slot is padding (then a mask is needed)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes k, v (B, n_kv, T, hd) into the next slots; returns all filled (B, n_kv, S, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention_mask(qpos, kpos, kvalid, qslot, window):
+    """Which keys each query may see -> bool (B, 1, T, S).
+
+    qpos (B, T) and kpos (B, S) are RoPE positions; kvalid (B, S) marks real keys; qslot
+    (T,) is each query's own key slot. A query sees valid keys at positions <= its own
+    (and within the sliding window), and always its own slot, so padding rows stay finite.
+    """
+    allowed = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
+    if window is not None:
+        allowed &= qpos[:, :, None] - kpos[:, None, :] < window
+    own = torch.arange(kpos.shape[1], device=kpos.device) == qslot[:, None]  # (T, S)
+    return (allowed | own)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer, deltas):
+        B, T, _ = x.shape
+        q = linear(self.q_proj, "q_proj", x, deltas).view(B, T, self.n_heads, self.head_dim)
+        k = linear(self.k_proj, "k_proj", x, deltas).view(B, T, self.n_kv_heads, self.head_dim)
+        v = linear(self.v_proj, "v_proj", x, deltas).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd)
+        # mask is None: plain causal attention over T == S keys, or one query seeing all keys
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return linear(self.o_proj, "o_proj", y, deltas)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x, deltas):
+        gate = F.silu(linear(self.gate_proj, "gate_proj", x, deltas))  # SwiGLU
+        return linear(self.down_proj, "down_proj", gate * linear(self.up_proj, "up_proj", x, deltas), deltas)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, h, cos, sin, mask, cache, layer, deltas):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer, deltas)
+        return h + self.mlp(self.post_attention_layernorm(h), deltas)
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+class Transformer(nn.Module):
+    """The decoder. Parameter names are Hugging Face's without the leading 'model.'."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.checkpointing = False  # recompute each layer in backward (set by train.py)
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0,
+                pad_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                adapter: Adapter | None = None, return_hidden: bool = False):
+        """Runs the decoder.
+
+        Args:
+            tokens: (B, T) token ids.
+            start_pos: RoPE position of the first token (without a cache).
+            pad_mask: (B, T) bool, False on padding. Needed for left padding only: with right
+                padding, causal attention already keeps real tokens off the padding.
+            cache: a KVCache; positions then continue from what it holds.
+            adapter: `(layer, h) -> {module_name: delta_fn}`, called with the residual stream
+                h (B, T, dim) entering each layer; delta_fn(x) is added to that module's output.
+            return_hidden: also return the residual streams entering each layer.
+        Returns:
+            logits (B, T, vocab), and with return_hidden a list of n_layers (B, T, dim) tensors.
+        """
+        B, T = tokens.shape
+        real = torch.ones_like(tokens, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        base = cache.next_pos[:, None] if cache is not None else start_pos
+        positions = (base + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding repeats
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        mask = self._mask(positions, real, pad_mask is not None, cache)
+        if cache is not None:
+            cache.next_pos += real.sum(1)
+        h = self.embed_tokens(tokens)
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            hidden.append(h)
+            deltas = adapter(i, h) if adapter is not None else None
+            if self.checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, cache, i, deltas, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, i, deltas)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(h))
+        return (logits, hidden) if return_hidden else logits
+
+    def _mask(self, positions, real, padded, cache):
+        """The boolean attention mask, or None when plain causal attention is exact."""
+        T, window = positions.shape[1], self.args.sliding_window
+        if cache is None:
+            if not padded and (window is None or T <= window):
+                return None
+            kpos, kvalid, start = positions, real, 0
+        else:
+            start, end = cache.length, cache.length + T
+            cache.pos[:, start:end], cache.valid[:, start:end] = positions, real
+            cache.padded |= padded
+            if not cache.padded and (window is None or end <= window) and (T == 1 or start == 0):
+                return None
+            kpos, kvalid = cache.pos[:, :end], cache.valid[:, :end]
+        qslot = torch.arange(start, start + T, device=positions.device)
+        return attention_mask(positions, kpos, kvalid, qslot, window)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
+        """Loads a checkpoint directory with no conversion step.
+
+        Args:
+            path: a Hugging Face directory (config.json with model.safetensors, or shards with
+                model.safetensors.index.json) or a Mistral one (params.json, consolidated.safetensors).
+            device: where the weights go (default CPU); they are read there directly.
+            dtype: default: the checkpoint's dtype on CUDA, float32 on CPU.
+        Returns:
+            the model in eval mode with frozen parameters.
+        """
+        path = Path(path)
+        args, layout, files = read_checkpoint(path)
+        device = torch.device(device or "cpu")
+        dtype = dtype or (DTYPES[args.dtype] if device.type == "cuda" else torch.float32)
+        with torch.device("meta"):  # no memory: the checkpoint's tensors are assigned in place
+            model = cls(args)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if args.tie_embeddings:
+            del expected["lm_head.weight"]
+        state = load_weights(files, layout, args, expected, device, dtype)
+        if args.tie_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:  # assign replaced both parameters: tie them again
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval().requires_grad_(False)
+
+    def save_pretrained(self, out_dir, max_shard_bytes: int = 5 * 10**9) -> None:
+        """Writes the Hugging Face layout: config.json and model.safetensors, or shards of at
+        most max_shard_bytes with model.safetensors.index.json. Each file is written atomically."""
+        from safetensors.torch import save_file
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {hf_name(k): v.detach().contiguous() for k, v in self.state_dict().items()
+                   if not (self.args.tie_embeddings and k == "lm_head.weight")}
+        shards, size = [{}], 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name], size = t, size + nbytes
+        if len(shards) == 1:
+            atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, {"format": "pt"}))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                atomic_write(out / name, lambda p: save_file(shard, p, {"format": "pt"}))
+                weight_map.update(dict.fromkeys(shard, name))
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": weight_map}
+            atomic_write(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+        dtype = next(k for k, v in DTYPES.items() if v == self.lm_head.weight.dtype)
+        config = {**self.args.to_hf_config(), "torch_dtype": dtype}
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        written = {"model.safetensors"} if len(shards) == 1 else {*weight_map.values(), "model.safetensors.index.json"}
+        for old in [*out.glob("model-*-of-*.safetensors"), *out.glob("model.safetensors*")]:
+            if old.name not in written:  # left by an earlier save in another layout
+                old.unlink()
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving
+
+
+IGNORED = ("rotary_emb.inv_freq", "rope.freqs")  # RoPE tables some checkpoints store
+NATIVE_NAMES = [  # Mistral / Meta consolidated names -> ours (Hugging Face's, less 'model.')
+    (r"^tok_embeddings\.", "embed_tokens."), (r"^output\.", "lm_head."),
+    (r"\.attention_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"\.attention\.w([qkvo])\.", r".self_attn.\1_proj."), (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
+    (r"\.feed_forward\.w2\.", ".mlp.down_proj."), (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+]
+
+
+def hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls write(temporary path), then renames it over `path`: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def read_safetensors(file: Path, device) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file, placed on `device`."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file "
+                         f"(truncated or corrupt?): {err}") from None
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorders q/k rows stored for interleaved RoPE pairs (2i, 2i+1), as in Mistral's and
+    Meta's consolidated files, into the rotate-half pairs (i, i + head_dim/2)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def read_checkpoint(path: Path) -> tuple[ModelArgs, str, list[Path]]:
+    """Finds the config, the layout ("hf" or "consolidated") and the weight files of a checkpoint."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    present = sorted(p.name for p in path.iterdir())
+    if (path / "config.json").is_file():
+        args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()),
+                                        str(path / "config.json"))
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            for name in files:
+                if not (path / name).is_file():
+                    raise FileNotFoundError(f"{index} names shard {name}, which is missing from {path}")
+            return args, "hf", [path / name for name in files]
+        if (path / "model.safetensors").is_file():
+            return args, "hf", [path / "model.safetensors"]
+    elif (path / "params.json").is_file():
+        args = ModelArgs.from_params(json.loads((path / "params.json").read_text()),
+                                     str(path / "params.json"))
+        if args.vocab_size <= 0:
+            raise ValueError(f"{path / 'params.json'}: vocab_size is {args.vocab_size}; "
+                             "set it to the tokenizer's vocabulary size")
+        if (path / "consolidated.safetensors").is_file():
+            return args, "consolidated", [path / "consolidated.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no config.json (Hugging Face) or params.json "
+                                f"(Mistral consolidated) found; the directory holds {present}")
+    raise FileNotFoundError(
+        f"{path}: no weights found: expected model.safetensors, a sharded checkpoint with "
+        f"model.safetensors.index.json, or consolidated.safetensors (pickled .bin/.pth files "
+        f"are not loaded: they can run code); the directory holds {present}")
+
+
+def load_weights(files, layout: str, args: ModelArgs, expected: dict[str, torch.Size],
+                 device, dtype) -> dict[str, torch.Tensor]:
+    """Reads weight files into our parameter names, checking names and shapes strictly."""
+    state = {}
+    for file in files:
+        for name, tensor in read_safetensors(file, device).items():
+            if name.endswith(IGNORED):
+                continue
+            ours = name.removeprefix("model.")
+            if layout == "consolidated":
+                for pattern, repl in NATIVE_NAMES:
+                    ours = re.sub(pattern, repl, ours)
+                if ours.endswith(("q_proj.weight", "k_proj.weight")):
+                    heads = args.n_heads if "q_proj" in ours else args.n_kv_heads
+                    tensor = interleaved_to_half(tensor, heads)
+            if ours in expected and tensor.shape != expected[ours]:
+                raise ValueError(f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(expected[ours])}")
+            state[ours] = tensor.to(dtype)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{files[0].parent}: checkpoint does not match the config: "
+            f"{len(missing)} missing tensors {[hf_name(k) for k in missing[:10]]}, "
+            f"{len(unexpected)} unexpected tensors {[hf_name(k) for k in unexpected[:10]]}")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat templates
+
+
+class Tokenizer:
+    """A sentencepiece model (Llama-2 and Mistral: unk 0, bos 1, eos 2, no pad) and the chat
+    template of its checkpoint: 'mistral' (Mistral-Instruct v0.1/v0.2) or 'llama2'."""
+
+    TEMPLATES = ("mistral", "llama2")
+
+    def __init__(self, path, template: str | None = None):
+        import sentencepiece as spm
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a sentencepiece model: {err}") from None
+        self.path = path
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        if template is not None and template not in self.TEMPLATES:
+            raise ValueError(f"chat template '{template}' is not one of {self.TEMPLATES}")
+        self.template = template or detect_template(path.parent)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation in the checkpoint's chat template.
+
+        Args:
+            messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]: an
+                optional system message, then user and assistant turns alternating, starting
+                with the user. Ending on a user turn gives the prompt for the model's answer.
+        """
+        if self.template is None:
+            raise ValueError(f"no chat template is known for {self.path.parent} (no config.json, "
+                             f"params.json or tokenizer_config.json); pass template='mistral' or 'llama2'")
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        turns = [m["content"] for m in messages[system is not None:]]
+        for i, m in enumerate(messages[system is not None:]):
+            expected = ("user", "assistant")[i % 2]
+            if m["role"] != expected:
+                raise ValueError(f"chat message {i + (system is not None)} has role '{m['role']}', "
+                                 f"expected '{expected}': after an optional system message, "
+                                 "roles must alternate user, assistant, user, ...")
+        if not turns:
+            raise ValueError("a chat needs at least one user message")
+        if self.template == "mistral":
+            if system is not None:
+                turns[0] = f"{system}\n\n{turns[0]}"
+            ids = [self.bos_id]
+            for i, content in enumerate(turns):
+                ids += (self.encode(f"[INST] {content} [/INST]", bos=False) if i % 2 == 0
+                        else self.encode(content, bos=False, eos=True))
+            return ids
+        if system is not None:
+            turns[0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]}"
+        ids = []
+        for i in range(0, len(turns), 2):
+            if i + 1 < len(turns):
+                ids += self.encode(f"[INST] {turns[i]} [/INST] {turns[i + 1]} ", eos=True)
+            else:
+                ids += self.encode(f"[INST] {turns[i]} [/INST]")
+        return ids
+
+
+def detect_template(directory: Path) -> str | None:
+    """The chat template of a checkpoint directory, from tokenizer_config.json or its config."""
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        template = json.loads(tokenizer_config.read_text()).get("chat_template") or ""
+        if "<<SYS>>" in template:
+            return "llama2"
+        if "[INST]" in template:
+            return "mistral"
+    if (directory / "config.json").is_file():
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        return {"llama": "llama2", "mistral": "mistral"}.get(model_type)
+    return "mistral" if (directory / "params.json").is_file() else None
+
+
+def load(path, device=None, dtype=None) -> tuple[Transformer, Tokenizer]:
+    """The model and the tokenizer.model of a checkpoint directory, checked against each other."""
+    model = Transformer.from_pretrained(path, device, dtype)
+    tokenizer = Tokenizer(Path(path) / "tokenizer.model")
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} pieces, more than the "
+                         f"model's vocabulary (vocab_size {model.args.vocab_size})")
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, rng) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             stop: tuple[str, ...] = (), tokenizer: Tokenizer | None = None,
+             adapter: Adapter | None = None, truncate: bool = False) -> list[list[int]]:
+    """Generates from a batch of prompts of different lengths (left-padded, KV-cached).
+
+    Args:
+        prompts: token ids per row.
+        max_new_tokens: at most this many tokens per row.
+        temperature, top_p, seed: sampling (temperature 0: greedy).
+        stop: a row ends once its decoded text contains one of these (needs `tokenizer`);
+            the caller cuts the text at the stop string.
+        adapter: passed to every forward (see Transformer.forward).
+        truncate: keep the last tokens of prompts that do not fit the model's window,
+            instead of raising an error.
+    Returns:
+        the new token ids of each row, without the EOS.
+    """
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated text")
+    limit = model.args.max_seq_len - max_new_tokens
+    for i, p in enumerate(prompts):
+        if len(p) > limit and not truncate:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the model's window "
+                             f"(max_position_embeddings {model.args.max_seq_len}) leaves room for "
+                             f"{limit} with max_new_tokens={max_new_tokens}; pass truncate=True "
+                             "to keep the last tokens")
+    prompts = [p[-limit:] for p in prompts]
+    device, width = model.lm_head.weight.device, max(len(p) for p in prompts)
+    tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    pad_mask = torch.arange(width, device=device) >= torch.tensor(
+        [width - len(p) for p in prompts], device=device)[:, None]  # (B, width), left padding
+    uneven = any(len(p) != width for p in prompts)
+    cache = KVCache(model.args, len(prompts), width + max_new_tokens, device, model.lm_head.weight.dtype)
+    rng = torch.Generator(device).manual_seed(seed)
+    logits = model(tokens, pad_mask=pad_mask if uneven else None, cache=cache, adapter=adapter)
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for step in range(max_new_tokens):
+        next_tokens = sample(logits[:, -1], temperature, top_p, rng)  # (B,)
+        for row, token in enumerate(next_tokens.tolist()):  # one host sync per step
+            if done[row]:
+                continue
+            if token == model.args.eos_id:
+                done[row] = True
+                continue
+            out[row].append(token)
+            done[row] = any(s in tokenizer.decode(out[row]) for s in stop)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(next_tokens[:, None], cache=cache, adapter=adapter)
+    return out
