@@ -1,0 +1,459 @@
+"""GenerativeAdapter's adapter generator (Chen et al., ICLR 2025, arXiv 2411.05877).
+
+Context streams through the frozen base LM once; at every layer l the generator turns the
+residual stream H^l entering that layer into a low-rank adapter for the layer's target
+modules (SPEC = ../shared/SPEC.md, paper Sec. 3):
+
+    K_t = A2(norm(H_t^l)),  V_t = A3(norm(H_t^l))        keys (T, d_r) and values (T, r)
+    S_t = S_{t-1} + K_t^T V_t                             the accumulator, d_r x r, float32
+    N(S) = U_k V_k^T                                      SVD normalisation, singular values dropped
+    delta(x) = s * B(A1(x) @ N(S)),  s = alpha / r        added to the module's output W x
+
+This file holds, in order: the config, SVD normalisation, the generator's parameters and
+equations, the accumulator state and streaming, the three ways of applying an adapter
+(on the fly, LoRA factors, merged), the parallel training forward, persistence and export.
+"""
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from model import LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, read_safetensors
+
+NORM_EPS = 1e-6  # the generator's RMSNorm over hidden states (SPEC 1)
+# SPEC 5's guard: the release drops a window's adapter when two top singular values are within
+# 1e-7 (relative). In float32 an exactly repeated singular value comes out of the SVD with a
+# relative gap of about 6e-7 (tests/test_generator.py), which that threshold misses; 1e-6 catches it.
+GUARD_GAP = 1e-6
+INFERENCE_SEED = 0  # randomised SVD outside training draws a fixed Gaussian: adapters are reproducible
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GeneratorConfig:
+    target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
+    d_r: int = 1024  # width of A1(x) and of the keys A2(H)
+    r: int = 1024  # width of the values A3(H), input of B
+    k: int = 128  # SVD rank: the adapter's rank
+    alpha: float = 64.0  # s = alpha / r
+    window: int = 1024  # context tokens per window (SPEC 3)
+    norm: str = "svd"  # "svd": N(S) = U_k V_k^T; "frobenius": S / ||S||_F (the paper's ablation)
+    svd: str = "randomized"  # "randomized" (torch.svd_lowrank's algorithm, as released) or "exact"
+    svd_niter: int = 1  # power iterations of the randomised SVD
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def validate(self, args: ModelArgs) -> None:
+        """Raises ValueError naming the first field that cannot work with this base."""
+        for m in self.target_modules:
+            if m not in LINEAR_MODULES:
+                raise ValueError(f"GeneratorConfig.target_modules: unknown module '{m}'; "
+                                 f"expected names among {list(LINEAR_MODULES)}")
+        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"GeneratorConfig.target_modules: {self.target_modules} must be "
+                             "a non-empty list without repeats")
+        for name in ("d_r", "r", "k", "window", "svd_niter"):
+            if getattr(self, name) < (0 if name == "svd_niter" else 1):
+                raise ValueError(f"GeneratorConfig.{name} = {getattr(self, name)} must be positive")
+        if self.k > min(self.d_r, self.r):
+            raise ValueError(f"GeneratorConfig.k = {self.k} is larger than min(d_r, r) = "
+                             f"{min(self.d_r, self.r)}: N(S) has at most that rank")
+        if self.norm not in ("svd", "frobenius"):
+            raise ValueError(f"GeneratorConfig.norm = '{self.norm}': expected 'svd' or 'frobenius'")
+        if self.svd not in ("exact", "randomized"):
+            raise ValueError(f"GeneratorConfig.svd = '{self.svd}': expected 'exact' or 'randomized'")
+
+
+def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every linear module of the base."""
+    q, kv, d, h = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, h), "up_proj": (d, h), "down_proj": (h, d)}
+
+
+def base_identity(args: ModelArgs) -> dict:
+    """What a generator records of its base: loading against another base is an error."""
+    return {"model_type": args.model_type, "dim": args.dim, "n_layers": args.n_layers,
+            "vocab_size": args.vocab_size}
+
+
+# -----------------------------------------------------------------------------
+# SVD normalisation (SPEC 3)
+
+
+def randomized_svd(S: torch.Tensor, k: int, niter: int, generator=None):
+    """torch.svd_lowrank's algorithm (Halko et al. 2011) with a choosable random source.
+
+    S (..., m, n) -> U (..., m, k), singular values (..., k), V (..., n, k). One Gaussian test
+    matrix serves the whole batch, as in torch.svd_lowrank.
+    """
+    omega = torch.randn(S.shape[-1], k, generator=generator, device=S.device, dtype=S.dtype)
+    Q = torch.linalg.qr(S @ omega).Q  # (..., m, k): an orthonormal basis of S's range
+    for _ in range(niter):  # power iterations sharpen the basis
+        Q = torch.linalg.qr(S.mT @ Q).Q
+        Q = torch.linalg.qr(S @ Q).Q
+    U, sv, Vh = torch.linalg.svd(Q.mT @ S, full_matrices=False)  # SVD of the small (k, n) matrix
+    return Q @ U, sv, Vh.mT
+
+
+def svd_normalize(S: torch.Tensor, config: GeneratorConfig, generator=None):
+    """N(S) = U_k V_k^T as factors P = U_k (..., d_r, k) and Q = V_k (..., r, k), in float32.
+
+    Singular values are dropped, so N(S) has spectral norm 1 and does not depend on the scale
+    of S. Directions whose singular value is zero (S = 0, or rank below k) are left out, so a
+    window that sees no context gets no adapter. Also returns the singular values (..., k+1 or
+    k) for the gradient guard. With norm='frobenius' (the ablation): P = S / ||S||_F, Q = I.
+    """
+    S = S.float()
+    if config.norm == "frobenius":
+        P = S / S.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        Q = torch.eye(config.r, device=S.device).expand(*S.shape[:-2], -1, -1)
+        return P, Q, None
+    if config.svd == "exact":
+        U, sv, Vh = torch.linalg.svd(S, full_matrices=False)
+        U, V, sv = U[..., :config.k], Vh[..., :config.k, :].mT, sv[..., :config.k + 1]
+    else:
+        U, sv, V = randomized_svd(S, config.k, config.svd_niter, generator)
+    present = sv[..., :config.k] > 1e-6 * sv[..., :1]  # (..., k); all False when S == 0
+    return U * present[..., None, :], V, sv
+
+
+def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None):
+    """SPEC 5, the SVD gradient guard: the backward of an SVD divides by differences of
+    singular values, so a window whose top singular values (nearly) coincide has its adapter
+    dropped for this step (P set to zero) and no gradient through its SVD.
+
+    The released rule, with GUARD_GAP for its 1e-7: fire when
+    min_i min(gap_i / (s_1 + 1e-6), gap_i) < GUARD_GAP with gap_i = s_i - s_{i+1}. Returns the guarded P and how many windows fired (a tensor:
+    reading it is a host sync, left to the caller's log line). Windows with S == 0 (nothing
+    visible) are dropped too but not counted.
+    """
+    if sv is None:  # Frobenius normalisation: no SVD to guard
+        return P, torch.zeros((), device=P.device)
+    gaps = sv[..., :-1] - sv[..., 1:]
+    separation = torch.minimum(gaps / (sv[..., :1] + 1e-6), gaps).amin(-1)
+    drop = ~(separation >= GUARD_GAP)  # NaN-safe: a NaN gap drops the window
+    if S.requires_grad:  # cleans the SVD's backward output before it reaches S
+        S.register_hook(lambda grad: grad.masked_fill(drop[..., None, None], 0.0))
+    fired = (drop & (sv[..., 0] > 0)).sum()
+    return P.masked_fill(drop[..., None, None], 0.0), fired
+
+
+# -----------------------------------------------------------------------------
+# The generator
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The generator's RMSNorm over hidden states (..., T, d), computed in float32."""
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + NORM_EPS))
+
+
+def generated_delta(x, A1, P, Q, B, scale):
+    """SPEC 3 / paper Eq. 3: delta(x) = s * B(A1(x) @ N(S)) with N(S) = P Q^T.
+
+    x (..., T, d_in), A1 (d_r, d_in), P (..., d_r, k), Q (..., r, k), B (d_out, r)
+    -> (..., T, d_out). Factored through rank k: d_in -> d_r -> k -> r -> d_out.
+    """
+    z = x @ A1.mT.to(x.dtype)  # (..., T, d_r)
+    z = (z @ P.to(z.dtype)) @ Q.mT.to(z.dtype)  # (..., T, r)
+    return scale * (z @ B.mT.to(z.dtype))  # (..., T, d_out)
+
+
+class ModuleGenerator(nn.Module):
+    """The generator's weights for one target module, stacked over the base's L layers."""
+
+    def __init__(self, n_layers: int, dim: int, d_in: int, d_out: int, config: GeneratorConfig):
+        super().__init__()
+        self.norm = nn.Parameter(torch.ones(n_layers, dim))  # RMSNorm weight over H^l
+        self.A1 = nn.Parameter(torch.empty(n_layers, config.d_r, d_in))  # query: module input x
+        self.A2 = nn.Parameter(torch.empty(n_layers, config.d_r, dim))  # key: hidden states
+        self.A3 = nn.Parameter(torch.empty(n_layers, config.r, dim))  # value: hidden states
+        self.B = nn.Parameter(torch.zeros(n_layers, d_out, config.r))  # output: zero, so a fresh
+        for stacked in (self.A1, self.A2, self.A3):                   # generator changes nothing
+            for w in stacked:  # Kaiming-normal over each layer's fan-in, as the release (a = sqrt 5)
+                nn.init.kaiming_normal_(w, a=math.sqrt(5))
+
+    def context_outer(self, H: torch.Tensor, mask: torch.Tensor | None, layer=slice(None)):
+        """SPEC 3: K^T V of hidden states, float32.
+
+        H (..., T, dim) with mask (..., T) (False rows are padding and count as zero);
+        `layer` picks one layer's weights (an int), or all of them (H then (L, T, dim)).
+        Returns (..., d_r, r).
+        """
+        Hn = rms_norm(H, self.norm[layer][..., None, :]).to(H.dtype)
+        K = Hn @ self.A2[layer].mT.to(H.dtype)  # (..., T, d_r)
+        V = Hn @ self.A3[layer].mT.to(H.dtype)  # (..., T, r)
+        if mask is not None:
+            K = K * mask[..., None].to(K.dtype)
+        with torch.autocast(H.device.type, enabled=False):  # the sum over tokens in float32
+            return K.float().mT @ V.float()
+
+
+class AdapterGenerator(nn.Module):
+    """Holds, for every layer and target module, norm, A1, A2, A3 and B (SPEC 1)."""
+
+    def __init__(self, args: ModelArgs, config: GeneratorConfig):
+        super().__init__()
+        config.validate(args)
+        self.args, self.config = args, config
+        widths = module_widths(args)
+        self.mods = nn.ModuleDict({m: ModuleGenerator(args.n_layers, args.dim, *widths[m], config)
+                                   for m in config.target_modules})
+
+    @property
+    def device(self) -> torch.device:
+        return self.mods[self.config.target_modules[0]].A2.device
+
+    # --- SPEC 3: streaming contextualisation -------------------------------------------
+
+    def empty_state(self) -> "ContextState":
+        return ContextState({m: torch.zeros(self.args.n_layers, self.config.d_r, self.config.r,
+                                            device=self.device) for m in self.mods})
+
+    def normalized(self, state: "ContextState"):
+        """N(S_t) of every module and layer in one batched SVD -> {module: (P, Q)}, each (L, ., k)."""
+        S = torch.stack([state.S[m] for m in self.mods])  # (M, L, d_r, r)
+        rng = torch.Generator(S.device).manual_seed(INFERENCE_SEED)
+        P, Q, _ = svd_normalize(S, self.config, rng)
+        return {m: (P[i], Q[i]) for i, m in enumerate(self.mods)}
+
+    @torch.no_grad()
+    def update(self, model: Transformer, state: "ContextState", window: torch.Tensor) -> "ContextState":
+        """One step of SPEC 3: run window (T,) token ids through the base with the adapter of
+        S_{t-1}, then S_t = S_{t-1} + K_t^T V_t at every layer. Returns the new state."""
+        adapter = self.lora(state) if state.tokens else None  # S_0 = 0 gives no adapter
+        _, hidden = model(window[None], adapter=adapter, return_hidden=True)
+        H = torch.stack(hidden)[:, 0]  # (L, T, dim): the residual stream entering each layer
+        S = {m: state.S[m] + g.context_outer(H, None) for m, g in self.mods.items()}
+        return ContextState(S, state.tokens + window.numel())
+
+    def contextualize(self, model: Transformer, context: str | list[int],
+                      tokenizer: Tokenizer | None = None, state: "ContextState | None" = None,
+                      progress: bool = False) -> "ContextState":
+        """Streams a context of any length through the base, window by window (SPEC 3).
+
+        Args:
+            context: text (tokenised with a BOS by `tokenizer`) or token ids.
+            state: a state to continue (a user's memory); default: empty.
+            progress: show a progress bar over windows.
+        Returns:
+            the accumulator state; its size does not depend on the context's length.
+        """
+        if isinstance(context, str) and tokenizer is None:
+            raise ValueError("contextualize: a text context needs the tokenizer")
+        ids = tokenizer.encode(context) if isinstance(context, str) else list(context)
+        state = state or self.empty_state()
+        for window in tqdm(split_windows(ids, self.config.window), desc="context windows",
+                           unit="window", disable=not progress):
+            state = self.update(model, state, torch.tensor(window, device=self.device))
+        return state
+
+    # --- SPEC 3: three equivalent ways to apply an adapter -----------------------------
+
+    def on_the_fly(self, state: "ContextState"):
+        """The adapter as the base's `adapter` hook, computed from S by the SPEC 3 equation."""
+        factors = self.normalized(state)
+        s = self.config.scale
+
+        def adapter(layer, h):
+            return {m: (lambda x, g=g, P=factors[m][0][layer], Q=factors[m][1][layer]:
+                        generated_delta(x, g.A1[layer], P, Q, g.B[layer], s))
+                    for m, g in self.mods.items()}
+        return adapter
+
+    def lora(self, state: "ContextState") -> "LoRA":
+        """Rank-k LoRA factors: Delta W = s B N^T A1 = (s B V_k)(U_k^T A1)."""
+        factors = self.normalized(state)
+        A, B = {}, {}
+        for m, g in self.mods.items():
+            P, Q = factors[m]  # (L, d_r, k), (L, r, k)
+            A[m] = (P.mT @ g.A1.float())[None]  # lora_A = U_k^T A1: (1, L, k, d_in)
+            B[m] = (self.config.scale * g.B.float() @ Q)[None]  # lora_B = s B V_k: (1, L, d_out, k)
+        return LoRA(A, B)
+
+    # --- SPEC 4: the parallel training forward ------------------------------------------
+
+    def forward(self, model: Transformer, tokens: torch.Tensor, pad_mask: torch.Tensor,
+                visible: torch.Tensor):
+        """All windows of a batch at once, computing what SPEC 3's streaming loop computes.
+
+        Args:
+            tokens: (N, W, w) token ids: N sequences of W windows, each run from position 0.
+            pad_mask: (N, W, w) bool, False on (right) padding.
+            visible: (W, W) bool; visible[i, j]: window i uses the context of window j.
+                Default layout: strictly earlier windows (lower triangle without diagonal).
+        Returns:
+            logits (N, W, w, vocab) and the number of windows the SVD guard dropped.
+        """
+        N, W, w = tokens.shape
+        fired = []
+
+        def adapter(layer, h):  # h (N * W, w, dim): every window's stream entering `layer`
+            h = h.view(N, W, w, -1)
+            KV = torch.stack([g.context_outer(h, pad_mask, layer) for g in self.mods.values()])
+            S = torch.einsum("vu,mnuij->mnvij", visible.float(), KV)  # S_i = sum_{j visible} K_j^T V_j
+            P, Q, sv = svd_normalize(S, self.config)  # one SVD per window: (M, N, W, d_r, k)
+            P, count = guard(S, P, sv)
+            fired.append(count)
+            return {m: (lambda x, g=g, P=P[i], Q=Q[i]: generated_delta(
+                        x.view(N, W, w, -1), g.A1[layer], P, Q, g.B[layer], self.config.scale
+                    ).view(N * W, w, -1)) for i, (m, g) in enumerate(self.mods.items())}
+
+        logits = model(tokens.view(N * W, w), adapter=adapter)
+        return logits.view(N, W, w, -1), torch.stack(fired).sum()
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def save(self, directory) -> None:
+        """generator.safetensors (weights) and generator.json (config and base identity)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(directory / "generator.safetensors", lambda p: save_file(tensors, p))
+        meta = {"config": asdict(self.config), "base": base_identity(self.args)}
+        atomic_write(directory / "generator.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+    @classmethod
+    def load(cls, directory, args: ModelArgs, device=None) -> "AdapterGenerator":
+        """Loads a saved generator for the base described by `args` (checked)."""
+        directory = Path(directory)
+        for name in ("generator.json", "generator.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} does not exist (a generator directory "
+                                        "holds generator.json and generator.safetensors)")
+        meta = json.loads((directory / "generator.json").read_text())
+        if meta["base"] != base_identity(args):
+            raise ValueError(f"{directory} holds a generator for the base {meta['base']}, "
+                             f"but this base is {base_identity(args)}")
+        with torch.device("meta"):
+            generator = cls(args, GeneratorConfig(**meta["config"]))
+        state = read_safetensors(directory / "generator.safetensors", device or "cpu")
+        expected = {k: v.shape for k, v in generator.state_dict().items()}
+        for name, t in state.items():
+            if name in expected and t.shape != expected[name]:
+                raise ValueError(f"{directory / 'generator.safetensors'}: '{name}' has shape "
+                                 f"{tuple(t.shape)}, the base and config need {tuple(expected[name])}")
+        generator.load_state_dict(state, strict=True, assign=True)
+        return generator
+
+
+def split_windows(ids: list[int], window: int) -> list[list[int]]:
+    """SPEC 3: n tokens -> ceil(n / window) windows of equal length ceil(n / num_windows)
+    (the last one shorter by what padding would fill)."""
+    count = math.ceil(len(ids) / window)
+    size = math.ceil(len(ids) / count) if count else 0
+    return [ids[i:i + size] for i in range(0, len(ids), size)] if ids else []
+
+
+# -----------------------------------------------------------------------------
+# The accumulator state and the LoRA form
+
+
+@dataclass
+class ContextState:
+    """SPEC 3's accumulator: S per target module, (L, d_r, r) float32, and the tokens seen.
+    Its size is fixed whatever the context's length: a user's memory."""
+    S: dict[str, torch.Tensor]
+    tokens: int = 0
+
+    def save(self, path) -> None:
+        tensors = {m: s.contiguous() for m, s in self.S.items()}
+        atomic_write(Path(path), lambda p: save_file(tensors, p, {"tokens": str(self.tokens)}))
+
+    @classmethod
+    def load(cls, path, generator: AdapterGenerator) -> "ContextState":
+        S = read_safetensors(Path(path), generator.device)
+        with safe_open(str(path), framework="pt") as f:
+            tokens = int(f.metadata()["tokens"])
+        expected = generator.empty_state().S
+        if sorted(S) != sorted(expected) or any(S[m].shape != expected[m].shape for m in S):
+            raise ValueError(f"{path}: state of modules {({m: tuple(s.shape) for m, s in S.items()})} "
+                             f"does not fit this generator ({({m: tuple(s.shape) for m, s in expected.items()})})")
+        return cls(S, tokens)
+
+
+@dataclass
+class LoRA:
+    """Rank-k factors per target module: A (n, L, k, d_in) and B (n, L, d_out, k), for n
+    adapters. With n > 1, row i of a batch uses adapter i (several users in one batch)."""
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+
+    def __call__(self, layer: int, h: torch.Tensor):
+        """The base's adapter hook: delta(x) = x A^T B^T, batched over rows."""
+        return {m: (lambda x, A=self.A[m][:, layer], B=self.B[m][:, layer]:
+                    (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)) for m in self.A}
+
+    @staticmethod
+    def stack(loras: list["LoRA"]) -> "LoRA":
+        """One multi-adapter LoRA whose adapter i is loras[i]."""
+        return LoRA({m: torch.cat([l.A[m] for l in loras]) for m in loras[0].A},
+                    {m: torch.cat([l.B[m] for l in loras]) for m in loras[0].B})
+
+    def delta_weights(self, layer: int, module: str) -> torch.Tensor:
+        """Delta W = B A (d_out, d_in) of a single adapter."""
+        return self.B[module][0, layer] @ self.A[module][0, layer]
+
+
+def module_weight(model: Transformer, layer: int, module: str) -> torch.Tensor:
+    block = model.layers[layer]
+    parent = block.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
+    return getattr(parent, module).weight
+
+
+@contextmanager
+def merged(model: Transformer, lora: LoRA):
+    """The merged form: W <- W + B A inside the block (no decode overhead), and the original
+    weights restored exactly (from a copy) on exit."""
+    originals = {}
+    try:
+        with torch.no_grad():
+            for m in lora.A:
+                for layer in range(model.args.n_layers):
+                    w = module_weight(model, layer, m)
+                    originals[layer, m] = w.clone()
+                    w += lora.delta_weights(layer, m).to(w.dtype)
+        yield model
+    finally:
+        with torch.no_grad():
+            for (layer, m), w in originals.items():
+                module_weight(model, layer, m).copy_(w)
+
+
+# -----------------------------------------------------------------------------
+# Export for peft / vLLM
+
+
+def export_peft(lora: LoRA, directory, base_model_name_or_path: str) -> None:
+    """Writes a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors).
+
+    PEFT scales B A by lora_alpha / r; our lora_B already holds s, so lora_alpha = r.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for m in lora.A:
+        part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        for layer in range(lora.A[m].shape[1]):
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[f"{prefix}.lora_A.weight"] = lora.A[m][0, layer].contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = lora.B[m][0, layer].contiguous()
+    rank = next(iter(lora.A.values())).shape[2]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "target_modules": sorted(lora.A), "base_model_name_or_path": base_model_name_or_path}
+    atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(tensors, p, {"format": "pt"}))
+    atomic_write(directory / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
