@@ -17,12 +17,15 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -378,7 +381,6 @@ class Transformer(nn.Module):
     def save_pretrained(self, out_dir, max_shard_bytes: int = 5 * 10**9) -> None:
         """Writes the Hugging Face layout: config.json and model.safetensors, or shards of at
         most max_shard_bytes with model.safetensors.index.json. Each file is written atomically."""
-        from safetensors.torch import save_file
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {hf_name(k): v.detach().contiguous() for k, v in self.state_dict().items()
@@ -436,7 +438,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def read_safetensors(file: Path, device) -> dict[str, torch.Tensor]:
     """All tensors of one .safetensors file, placed on `device`."""
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             return {key: f.get_tensor(key) for key in f.keys()}
@@ -526,7 +527,6 @@ class Tokenizer:
     TEMPLATES = ("mistral", "llama2")
 
     def __init__(self, path, template: str | None = None):
-        import sentencepiece as spm
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} does not exist")
