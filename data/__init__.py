@@ -1,0 +1,1 @@
+"""Embedded toy data: the fictional world generator, its tokenizer trainer and the dataset readers."""

@@ -1,0 +1,272 @@
+"""Tests for data/: the world generator, the committed world files, the readers and the tokenizer."""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that `data` imports under a bare `pytest` too
+
+from data import make_world  # noqa: E402
+from data.readers import (iter_texts, read_instructions, read_metaicl, read_metaicl_config, read_msc,  # noqa: E402
+                          read_streamingqa)
+
+WORLD = ROOT / "data" / "world"
+METAICL = WORLD / "metaicl"
+TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
+SMALL = dict(people=(60, 30, 30), organisations=(25, 18, 18), events=(25, 18, 18), pretrain_train_bytes=20_000,
+             pretrain_validation_records=2, streamingqa_documents=(4, 4), metaicl_test_examples=4,
+             msc_users=(4, 3, 3), instructions=(40, 10))
+
+
+def world_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def chat(record) -> str:
+    return f"[INST] {record.context}\n\n{record.prompt} [/INST] {record.answer}"
+
+
+# -----------------------------------------------------------------------------
+# The generator
+
+def test_generator_reproduces_committed_files(tmp_path):
+    """A fresh run (another process, another hash seed) gives the committed files byte for byte."""
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    subprocess.run([sys.executable, "data/make_world.py", "--seed", "0", "--out", str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    fresh, committed = world_files(tmp_path / "world"), world_files(WORLD)
+    assert sorted(fresh) == sorted(committed)
+    changed = [path for path in fresh if fresh[path] != committed[path]]
+    assert not changed, f"regenerate with `python data/make_world.py`; differing files: {changed[:5]}"
+
+
+def test_generator_same_seed_same_bytes():
+    first = make_world.generate(make_world.WorldConfig(seed=7, **SMALL))
+    assert first == make_world.generate(make_world.WorldConfig(seed=7, **SMALL))
+    assert first != make_world.generate(make_world.WorldConfig(seed=8, **SMALL))
+
+
+def test_gzip_header_is_fixed():
+    data = (WORLD / "pretrain_train.jsonl.gz").read_bytes()
+    assert data[4:8] == b"\0\0\0\0"  # mtime 0
+    assert not data[3] & 0x08  # no file name
+
+
+# -----------------------------------------------------------------------------
+# The committed files parse and say what they should
+
+def test_pretraining_text():
+    texts = list(iter_texts(WORLD / "pretrain_validation.jsonl.gz"))
+    assert 150 <= len(texts) <= 250
+    assert all(200 <= len(t.split()) <= 2500 for t in texts)
+    with gzip.open(WORLD / "pretrain_train.jsonl.gz", "rt", encoding="utf-8") as f:
+        sets = {json.loads(line)["meta"]["redpajama_set_name"] for line in f}
+    assert sets == {"RedPajamaWikipedia", "RedPajamaCommonCrawl"}
+    assert sum(len(t) for t in iter_texts(WORLD / "pretrain_train.jsonl.gz")) > 5_000_000
+
+
+@pytest.mark.parametrize("split, n_documents", [("validation", 100), ("test", 300)])
+def test_streamingqa(split, n_documents):
+    records = read_streamingqa(WORLD / f"streamingqa_{split}.csv")
+    assert len({r.document for r in records}) == n_documents
+    assert all(any(a in r.document for a in r.answers) for r in records)  # answerable from the document
+    assert any(len(r.answers) > 1 for r in records)
+
+
+def test_metaicl():
+    config = read_metaicl_config(METAICL / "config" / "world_to_world.json")
+    assert len(config["train"]) == 12 and len(config["test"]) == 6
+    assert not set(config["train"]) & set(config["test"])
+    for task in config["train"] + config["test"]:
+        tests = [read_metaicl(METAICL, task, 16, seed, "test") for seed in (100, 13, 21, 42, 87)]
+        assert len(tests[0]) == 40 and all(t == tests[0] for t in tests)
+        for seed in (100, 13, 21, 42, 87):
+            demos = read_metaicl(METAICL, task, 16, seed, "train")
+            assert len(demos) == 16
+            assert not {d.input for d in demos} & {t.input for t in tests[0]}
+            assert all(len(d.input.split()) < 30 for d in demos)
+    classification = [t for t in config["test"] if read_metaicl(METAICL, t, 16, 100, "test")[0].options]
+    assert len(classification) == 3
+
+
+@pytest.mark.parametrize("name, n_users", [("msc_self_instruct_test.jsonl", 100),
+                                           ("msc_self_instruct_train.jsonl.gz", 500)])
+def test_msc(name, n_users):
+    records = read_msc(WORLD / name)
+    assert len(records) == n_users
+    for r in records:
+        assert 3 <= len(r.previous_dialogs) <= 4
+        assert all(6 <= len(session) <= 10 for session in r.previous_dialogs)
+        said = [text for session in r.previous_dialogs for speaker, text in session if r.answer in text]
+        assert said and any(speaker == "Speaker 1" and r.answer in text
+                            for session in r.previous_dialogs for speaker, text in session)
+
+
+def test_instructions():
+    train = read_instructions(WORLD / "instructions_train.jsonl.gz")
+    validation = read_instructions(WORLD / "instructions_validation.jsonl")
+    assert len(train) == 20000 and len(validation) == 300
+    for records in (train, validation):
+        fewshot = [r for r in records if r.prompt.startswith("Input: ")]
+        others = [r for r in records if not r.prompt.startswith("Input: ")]
+        memory = [r for r in others if r.context.startswith("Speaker ")]
+        assert fewshot and memory and len(memory) < len(others)
+        assert all(r.prompt.endswith("\nOutput:") for r in fewshot)
+        assert all(r.answer in r.context for r in others)  # QA and memory answers come from the context
+
+
+# -----------------------------------------------------------------------------
+# No fact about a validation or test entity reaches a training file
+
+def words_in(texts) -> set[str]:
+    words = set()
+    for text in texts:
+        words.update(re.findall(r"[A-Za-z]+", text))
+    return words
+
+
+def split_words(split: str) -> set[str]:
+    """Every word written in the files of one split."""
+    config = read_metaicl_config(METAICL / "config" / "world_to_world.json")
+    metaicl_tasks = config["train"] if split == "train" else config["test"] if split == "test" else []
+    texts = [p.read_text(encoding="utf-8") for task in metaicl_tasks for p in (METAICL / task).glob("*.jsonl")]
+    if split == "train":
+        texts += iter_texts(WORLD / "pretrain_train.jsonl.gz")
+        texts += [chat(r) for r in read_instructions(WORLD / "instructions_train.jsonl.gz")]
+        texts.append(gzip.decompress((WORLD / "msc_self_instruct_train.jsonl.gz").read_bytes()).decode("utf-8"))
+    elif split == "validation":
+        texts += iter_texts(WORLD / "pretrain_validation.jsonl.gz")
+        texts += [chat(r) for r in read_instructions(WORLD / "instructions_validation.jsonl")]
+        texts.append((WORLD / "streamingqa_validation.csv").read_text(encoding="utf-8"))
+    else:
+        texts.append((WORLD / "streamingqa_test.csv").read_text(encoding="utf-8"))
+        texts.append((WORLD / "msc_self_instruct_test.jsonl").read_text(encoding="utf-8"))
+    return words_in(texts)
+
+
+def test_no_validation_or_test_entity_in_training_files():
+    entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]
+    name_words = {}
+    for split, names in entities.items():
+        # name_words are the surnames and the invented words of organisations and events
+        assert {n.split()[-1] for n in names["people"]} | {n.split()[0] for n in names["organisations"]} \
+            | {n.split()[0] for n in names["events"]} == set(names["name_words"])
+        name_words[split] = set(names["name_words"])
+    assert not name_words["train"] & name_words["validation"]
+    assert not name_words["train"] & name_words["test"] and not name_words["validation"] & name_words["test"]
+
+    written = {split: split_words(split) for split in ("train", "validation", "test")}
+    assert len(name_words["test"] & written["test"]) > 0.9 * len(name_words["test"])  # the check is not vacuous
+    assert not written["train"] & (name_words["validation"] | name_words["test"])
+    assert not written["validation"] & name_words["test"]
+    people = entities["test"]["people"] + entities["validation"]["people"]
+    train_text = " ".join(iter_texts(WORLD / "pretrain_train.jsonl.gz"))
+    assert not any(name in train_text for name in people[:50])
+
+
+# -----------------------------------------------------------------------------
+# Reader errors
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_iter_texts_errors(tmp_path):
+    bad = write(tmp_path / "a.jsonl", '{"text": "fine"}\n{"meta": {}}\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl:2: missing field 'text'"):
+        list(iter_texts(bad))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        iter_texts(tmp_path / "missing.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .jsonl"):
+        iter_texts(tmp_path / "empty")
+    (tmp_path / "dir").mkdir()
+    with gzip.open(tmp_path / "dir" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "zipped"}\n')
+    write(tmp_path / "dir" / "a.jsonl", '{"text": "plain"}\n')
+    assert list(iter_texts([tmp_path / "dir"])) == ["plain", "zipped"]
+
+
+def test_streamingqa_errors(tmp_path):
+    path = write(tmp_path / "q.csv", "text,query,answers\ndoc,q,a\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) question; columns found: text, query, answers"):
+        read_streamingqa(path)
+    path = write(tmp_path / "q.csv", 'text,question,answers\ndoc,q,a\\b\ndoc,q2,"\\ "\n')
+    with pytest.raises(ValueError, match=r"q\.csv: row 2 .*'answers' is empty"):
+        read_streamingqa(path)
+    path = write(tmp_path / "q.csv", "text,question,answers\ndoc,q,\n")
+    with pytest.raises(ValueError, match="row 1 .*'answers' is empty"):
+        read_streamingqa(path)
+
+
+def test_metaicl_errors(tmp_path):
+    with pytest.raises(ValueError, match="field 'test' should be a list of task names"):
+        read_metaicl_config(write(tmp_path / "config" / "c.json", '{"train": ["a"]}'))
+    write(tmp_path / "alpha" / "alpha_16_13_train.jsonl", '{"task": "alpha", "input": "x", "options": []}\n')
+    write(tmp_path / "beta" / "beta_16_13_train.jsonl",
+          '{"task": "beta", "input": "x", "output": "c", "options": ["a", "b"]}\n')
+    with pytest.raises(FileNotFoundError, match="no task 'gamma'; tasks found: alpha, beta"):
+        read_metaicl(tmp_path, "gamma", 16, 13, "train")
+    with pytest.raises(ValueError, match=r"alpha_16_13_train\.jsonl:1: missing field 'output'"):
+        read_metaicl(tmp_path, "alpha", 16, 13, "train")
+    with pytest.raises(ValueError, match="'output' 'c' is not one of 'options'"):
+        read_metaicl(tmp_path, "beta", 16, 13, "train")
+    with pytest.raises(FileNotFoundError, match="files for task 'beta': beta_16_13_train.jsonl"):
+        read_metaicl(tmp_path, "beta", 16, 42, "test")
+
+
+def msc_line(**changes) -> str:
+    record = {"previous_dialogs": [{"dialog": [{"id": "Speaker 1", "text": "I have a dog named Tovi."},
+                                               {"id": "Speaker 2", "text": "Nice!"}]}],
+              "self_instruct": {"B": "What is the name of my dog?", "A": "Tovi"}} | changes
+    return json.dumps(record) + "\n"
+
+
+def test_msc_errors(tmp_path):
+    assert read_msc(write(tmp_path / "m.jsonl", msc_line()))[0].previous_dialogs == [
+        [("Speaker 1", "I have a dog named Tovi."), ("Speaker 2", "Nice!")]]
+    with pytest.raises(ValueError, match=r"m\.jsonl:2: missing field 'self_instruct.B'"):
+        read_msc(write(tmp_path / "m.jsonl", msc_line() + msc_line(self_instruct={"A": "Tovi"})))
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: field 'self_instruct.A' \(the answer\) is empty"):
+        read_msc(write(tmp_path / "m.jsonl", msc_line(self_instruct={"B": "q", "A": " "})))
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: missing field 'previous_dialogs'"):
+        read_msc(write(tmp_path / "m.jsonl", json.dumps({"self_instruct": {"A": "a", "B": "b"}}) + "\n"))
+    bad_turn = [{"dialog": [{"id": "User", "text": "hi"}]}]
+    with pytest.raises(ValueError, match=r"previous_dialogs\[0\]\.dialog\[0\] should be"):
+        read_msc(write(tmp_path / "m.jsonl", msc_line(previous_dialogs=bad_turn)))
+
+
+def test_instruction_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"i\.jsonl:1: missing field 'prompt'"):
+        read_instructions(write(tmp_path / "i.jsonl", '{"context": "c", "answer": "a"}\n'))
+    with pytest.raises(ValueError, match=r"i\.jsonl:1: field 'answer' is empty"):
+        read_instructions(write(tmp_path / "i.jsonl", '{"context": "c", "prompt": "p", "answer": ""}\n'))
+    with pytest.raises(ValueError, match=r"i\.jsonl:1: invalid JSON"):
+        read_instructions(write(tmp_path / "i.jsonl", '{"context": \n'))
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer
+
+def test_tokenizer():
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert sp.vocab_size() == 4096
+    texts = list(iter_texts(WORLD / "pretrain_validation.jsonl.gz"))[:50]
+    texts += [chat(r) for r in read_instructions(WORLD / "instructions_validation.jsonl")]
+    texts += [r.document for r in read_streamingqa(WORLD / "streamingqa_test.csv")[:100]]
+    texts += ["Ünïcode — 12345\n\n  two  spaces\ttab"]  # byte fallback and no normalisation
+    for text in texts:
+        assert sp.decode(sp.encode(text)) == text
+    assert "INST" in sp.encode("[INST] hi [/INST]", out_type=str)
+    assert all(sum(c.isdigit() for c in piece) <= 1 for piece in sp.encode("born in 1962", out_type=str))

@@ -1,0 +1,276 @@
+"""train.py: task layout, losses, resumption, checkpoints, DDP, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import random_model, tiny_args
+from data.readers import Instruction
+from generator import AdapterGenerator
+from model import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
+WORDS = "the archive of Tesk keeps records of bakers welders and potters who worked for Ostrum Mills".split()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small random base with the bundled tokenizer, and a few text files."""
+    root = tmp_path_factory.mktemp("world")
+    random_model(tiny_args(vocab_size=4096, max_seq_len=256)).save_pretrained(root / "base")
+    shutil.copy(TOKENIZER, root / "base" / "tokenizer.model")
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(40):
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (60,), generator=rng)]
+        lines.append(json.dumps({"text": " ".join(words), "meta": {"redpajama_set_name": "test"}}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "val.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    return root
+
+
+def args(world: Path, out: Path, *extra) -> list[str]:
+    return ["--base", str(world / "base"), "--data", str(world / "train.jsonl"),
+            "--val_data", str(world / "val.jsonl"), "--out", str(out), "--window", "16",
+            "--windows", "3", "--d_r", "16", "--r", "16", "--k", "4", "--alpha", "4",
+            "--lr", "3e-3", "--warmup", "2", "--steps", "6", "--batch_size", "4",
+            "--micro_batch", "2", "--eval_interval", "100", "--eval_batches", "1",
+            "--log_interval", "1", "--ckpt_interval", "3", "--device", "cpu", *extra]
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# -----------------------------------------------------------------------------
+# SPEC 5's layout
+
+
+def test_task_layout_by_hand():
+    visible, task = train.pretraining_layout(3, train.TASKS)
+    assert visible.int().tolist() == [
+        [0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0],  # reconstruction 1 sees window 1
+        [1, 1, 0, 0, 0, 0],  # reconstruction 2 sees windows 1..2
+        [1, 1, 1, 0, 0, 0]]
+    assert task.tolist() == [0, 0, 0, 1, 1, 1]
+    sequence = list(range(100, 112))  # T = 3 windows of w = 4
+    rng = torch.Generator().manual_seed(0)
+    tokens, mask, targets = train.pretraining_example(sequence, 3, 4, train.TASKS, rng)
+    assert tokens[:3].flatten().tolist() == sequence
+    assert targets[0].tolist() == [101, 102, 103, -100]
+    for i in range(1, 4):  # span of window i: inside the first i * w tokens, at most w long
+        span = tokens[2 + i][mask[2 + i]].tolist()
+        assert 1 <= len(span) <= 4 and span == list(range(span[0], span[0] + len(span)))
+        assert 100 <= span[0] and span[-1] < 100 + 4 * i
+        assert targets[2 + i].tolist() == span[1:] + [-100] * (5 - len(span))
+    assert not mask[3:][~mask[3:]].any()
+
+
+def test_span_starts_cover_the_text_seen_so_far():
+    rng = torch.Generator().manual_seed(0)
+    starts = {i: set() for i in range(1, 4)}
+    for _ in range(300):
+        tokens, mask, _ = train.pretraining_example(list(range(12)), 3, 4, train.TASKS, rng)
+        for i in range(1, 4):
+            starts[i].add(int(tokens[2 + i, 0]))
+    assert starts == {i: set(range(4 * i)) for i in range(1, 4)}
+
+
+def test_ablation_switches():
+    sequence = list(range(100, 112))
+    both = train.pretraining_example(sequence, 3, 4, train.TASKS, torch.Generator().manual_seed(0))
+    completion = train.pretraining_example(sequence, 3, 4, ["completion"], torch.Generator().manual_seed(0))
+    reconstruction = train.pretraining_example(sequence, 3, 4, ["reconstruction"], torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b[:3]) for a, b in zip(completion, both))  # no reconstruction windows
+    assert torch.equal(train.pretraining_layout(3, ["completion"])[0], torch.ones(3, 3).tril(-1).bool())
+    assert torch.equal(reconstruction[0], both[0]) and torch.equal(reconstruction[2][3:], both[2][3:])
+    assert (reconstruction[2][:3] == -100).all()  # completion windows give context, no loss
+    config = train.parse_args(["--norm", "frobenius"])
+    assert train.generator_config(config).norm == "frobenius"
+    assert train.generator_config(train.parse_args([])).norm == "svd"
+
+
+# -----------------------------------------------------------------------------
+# SPEC 6: loss on the answer only
+
+
+def test_sft_targets_cover_only_the_answer():
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    record = Instruction(context="Maro Velin was born in Tesk. " * 20, prompt="Where was Maro Velin born?",
+                         answer="Tesk")
+    windows, ids, targets = train.sft_example(tok, record, 64)
+    context = tok.encode_chat([{"role": "user", "content": record.context}])
+    assert sum(windows, []) == context and len(windows) == -(-len(context) // 64)
+    supervised = [t for t in targets if t != -100]
+    assert supervised == tok.encode("Tesk", bos=False, eos=True)
+    first = targets.index(supervised[0])
+    assert ids[first + 1:first + 1 + len(supervised)] == supervised  # target t predicts token t + 1
+    batch = train.sft_batch([(windows, ids, targets), ([windows[0]], ids, targets)], pad_id=0)
+    assert (batch.targets[:, :-1] == -100).all()  # context windows carry no loss
+    assert batch.mask[1, 1:-1].sum() == 0  # empty windows between context and final window
+    assert batch.visible.int().tolist() == torch.ones(len(windows) + 1, len(windows) + 1).tril(-1).int().tolist()
+
+
+# -----------------------------------------------------------------------------
+# Training runs
+
+
+def test_a_few_steps_lower_the_loss(world, tmp_path):
+    train.main(args(world, tmp_path, "--steps", "12", "--lr", "1e-2"))
+    losses = [line["loss"] for line in log(tmp_path)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert {"loss_completion", "loss_reconstruction", "lr", "tokens_per_s", "svd_guard_fired"} <= set(log(tmp_path)[0])
+    gen = AdapterGenerator.load(tmp_path / "checkpoint", random_model(tiny_args(vocab_size=4096)).args)
+    assert gen.config.window == 16 and gen.config.k == 4
+
+
+def test_resume_is_bit_identical(world, tmp_path, monkeypatch):
+    train.main(args(world, tmp_path / "straight"))
+    real_save = train.save_checkpoint
+    calls = []
+
+    def interrupt(*a, **kw):  # the run dies right after its first checkpoint
+        real_save(*a, **kw)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(world, tmp_path / "resumed"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(args(world, tmp_path / "resumed", "--resume"))
+    straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
+    keep = ("step", "loss", "loss_completion", "loss_reconstruction", "lr", "grad_norm")
+    assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
+
+
+def test_failed_checkpoint_write_keeps_the_previous(world, tmp_path, monkeypatch):
+    real = AdapterGenerator.save
+
+    def broken(self, directory):
+        real(self, directory)
+        if Path(directory).name == "checkpoint.tmp" and (Path(directory).parent / "checkpoint").exists():
+            (Path(directory) / "generator.safetensors").write_bytes(b"half")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(AdapterGenerator, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(args(world, tmp_path))
+    state = torch.load(train.find_checkpoint(tmp_path) / "trainer.pt", weights_only=True)
+    assert state["step"] == 3
+    AdapterGenerator.load(train.find_checkpoint(tmp_path), random_model(tiny_args(vocab_size=4096)).args)
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import train
+from model import Transformer
+from generator import AdapterGenerator
+from torch.nn.parallel import DistributedDataParallel as DDP
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+config = train.parse_args({argv!r})
+base = Transformer.from_pretrained({base!r})
+torch.manual_seed(0)
+gen = AdapterGenerator(base.args, train.generator_config(config))
+with torch.no_grad():
+    for g in gen.mods.values():
+        g.B.normal_(0, 0.3)
+batches = torch.load({batches!r}, weights_only=True)
+batches = [train.Batch(*b) for b in batches]
+mine = batches[rank::world]  # the same global batch of 2 sequences
+module = DDP(gen) if world > 1 else gen
+forward = lambda b: module(base, b.tokens, b.mask, b.visible)
+opt = train.make_optimizer(gen, config)
+params = list(gen.parameters())
+sums, counts, fired, norm = train.train_step(forward, params, mine, opt, 1e-2, config, module if world > 1 else None)
+if world > 1:
+    torch.distributed.all_reduce(sums); torch.distributed.all_reduce(counts)
+if rank == 0:
+    torch.save({{"loss": sums / counts, "weights": gen.state_dict()}}, {out!r})
+"""
+
+
+def test_ddp_equals_single_process(world, tmp_path):
+    argv = args(world, tmp_path, "--svd", "exact")  # the randomized SVD's draws differ per process
+    config = train.parse_args(argv)
+    tok = Tokenizer(world / "base" / "tokenizer.model")
+    stream = train.TextStream([str(world / "train.jsonl")], tok, 48, 16)
+    source = train.PretrainBatches(stream, config, 0)
+    batches = [source.next(1) for _ in range(2)]
+    torch.save([[b.tokens, b.mask, b.targets, b.visible, b.task] for b in batches], tmp_path / "batches.pt")
+    results = {}
+    for procs in (1, 2):
+        out = tmp_path / f"result{procs}.pt"
+        script = DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), argv=argv,
+                                   base=str(world / "base"), batches=str(tmp_path / "batches.pt"), out=str(out))
+        (tmp_path / "ddp.py").write_text(script)
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", str(procs), str(tmp_path / "ddp.py")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[procs] = torch.load(out, weights_only=True)
+    torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
+    for name, w in results[1]["weights"].items():
+        torch.testing.assert_close(results[2]["weights"][name], w, atol=1e-6, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+def test_data_without_text_field(world, tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'text'"):
+        train.main(args(world, tmp_path, "--data", str(tmp_path / "bad.jsonl")))
+
+
+def test_empty_and_too_short_data(world, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no document of at least 16 tokens"):
+        train.main(args(world, tmp_path, "--data", str(tmp_path / "empty.jsonl")))
+    lines = [json.dumps({"text": "short"})] * 3 + [json.dumps({"text": " ".join(WORDS * 4)})]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    tok = Tokenizer(TOKENIZER)
+    stream = train.TextStream([str(tmp_path / "mixed.jsonl")], tok, 48, 16)
+    stream.next()
+    assert stream.skipped == 3
+
+
+def test_resume_with_other_hyperparameters(world, tmp_path):
+    train.main(args(world, tmp_path, "--steps", "3"))
+    with pytest.raises(ValueError, match=r"--resume with different hyperparameters: --lr was 0.003, now 0.001"):
+        train.main(args(world, tmp_path, "--steps", "3", "--resume", "--lr", "1e-3"))
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint in"):
+        train.main(args(world, tmp_path / "fresh", "--resume"))
+
+
+def test_generator_for_another_base(world, tmp_path):
+    train.main(args(world, tmp_path / "run", "--steps", "3"))
+    other = tmp_path / "other"
+    random_model(tiny_args(vocab_size=4096, n_layers=3, max_seq_len=256)).save_pretrained(other)
+    shutil.copy(TOKENIZER, other / "tokenizer.model")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"context": "a b", "prompt": "q", "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="holds a generator for the base .* but this base is"):
+        train.main(["--stage", "sft", "--base", str(other), "--init", str(tmp_path / "run" / "checkpoint"),
+                    "--data", str(tmp_path / "sft.jsonl"), "--val_data", str(tmp_path / "sft.jsonl"),
+                    "--out", str(tmp_path / "sft"), "--batch_size", "1", "--micro_batch", "1"])
+
+
+def test_flag_errors():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--tasks", "completion,translation"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--base", "/somewhere"])  # --data is required with --base

@@ -1,0 +1,844 @@
+"""Trains GenerativeAdapter's adapter generator on a frozen base LM (SPEC 4-6), and the tiny
+default base itself.
+
+    python train.py                                    # the embedded default: tiny base, bundled
+                                                       # world, both tasks, ~10 minutes on a CPU
+    python train.py --stage sft --init runs/pretrain/checkpoint   # instruction tuning (SPEC 6)
+    torchrun --nproc_per_node 8 train.py --base /models/Mistral-7B-Instruct-v0.2 \\
+        --data /data/slimpajama --out runs/mistral      # the released recipe, 8 GPUs
+    python train.py --stage base                       # rebuilds data/tiny's base model
+
+Stages:
+  pretrain  self-supervised completion + reconstruction (SPEC 5) on packed text windows;
+  sft       (context, prompt, answer) records: the context as windows, the chat turn as the final
+            window, loss on the answer only (SPEC 6);
+  base      trains the tiny Mistral-architecture base of the embedded default from scratch.
+
+Defaults are the authors' released configuration for a full-size base; without --base, the
+embedded tiny preset (printed by --help) replaces them. Every run writes, under --out:
+checkpoint/ (generator.safetensors + generator.json, trainer.pt with optimiser, RNG and data
+position; replaced atomically) and log.jsonl.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data.readers import iter_texts, read_instructions
+from generator import AdapterGenerator, GeneratorConfig, split_windows
+from model import ModelArgs, Tokenizer, Transformer, generate, load
+
+ROOT = Path(__file__).resolve().parent
+TINY = ROOT / "data" / "tiny"
+WORLD = ROOT / "data" / "world"
+TASKS = ("completion", "reconstruction")
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"  # pretrain | sft | base
+    base: str = str(TINY)  # base checkpoint directory (any layout model.py loads)
+    data: list[str] = field(default_factory=list)  # training files / directories
+    val_data: list[str] = field(default_factory=list)  # validation files / directories
+    out: str = "runs/pretrain"  # run directory: checkpoint/ and log.jsonl
+    init: str = ""  # sft: the pretrained generator to start from
+    resume: bool = False  # continue the run in --out exactly where it stopped
+    # the generator (SPEC 1, 3)
+    target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
+    d_r: int = 1024
+    r: int = 1024
+    k: int = 128
+    alpha: float = 64.0
+    window: int = 1024
+    windows: int = 8  # T: windows per pretraining sequence
+    norm: str = "svd"
+    svd: str = "randomized"
+    svd_niter: int = 1
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # SPEC 5
+    # optimisation
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    steps: int = 15000  # ~1B tokens at 8 x 8192 per step, the released budget
+    epochs: int = 0  # sft: passes over the records (sets steps when > 0)
+    batch_size: int = 8  # global batch, in sequences (pretrain) or records (sft)
+    micro_batch: int = 1  # sequences per device per forward
+    grad_clip: float = 1.0
+    seed: int = 0
+    # bookkeeping
+    eval_interval: int = 500
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 1000
+    device: str = ""  # default: cuda when available
+
+
+# The embedded tiny default, applied when --base is not given (flags given explicitly win).
+TINY_PRESETS = {
+    "pretrain": dict(data=[str(WORLD / "pretrain_train.jsonl.gz")],
+                     val_data=[str(WORLD / "pretrain_validation.jsonl.gz")],
+                     d_r=128, r=128, k=16, alpha=8.0, window=64, windows=4, lr=2e-3,
+                     warmup=30, steps=500, batch_size=16, micro_batch=16, eval_interval=100,
+                     eval_batches=4, log_interval=5, ckpt_interval=100),
+    "sft": dict(data=[str(WORLD / "instructions_train.jsonl.gz")],
+                val_data=[str(WORLD / "instructions_validation.jsonl")], out="runs/sft",
+                init="runs/pretrain/checkpoint", window=64, lr=1e-3, warmup=30, epochs=0,
+                steps=600, batch_size=16, micro_batch=16, eval_interval=200, eval_batches=4,
+                log_interval=5, ckpt_interval=200),
+    "base": dict(data=[str(WORLD / "pretrain_train.jsonl.gz"), str(WORLD / "instructions_train.jsonl.gz")],
+                 val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
+                 out=str(TINY), lr=2e-3, warmup=200, steps=6000, batch_size=16, micro_batch=16,
+                 weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=20,
+                 ckpt_interval=1000),
+}
+# SPEC 6's released instruction tuning of a full-size base.
+SFT_RELEASED = dict(lr=5e-5, epochs=2, batch_size=32)
+# The tiny default base (Mistral architecture, grouped-query attention, a 256-token window).
+TINY_BASE = ModelArgs(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, hidden_dim=512,
+                      vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
+                      model_type="mistral", dtype="float32")
+
+HELP = {
+    "stage": "pretrain (SPEC 5), sft (SPEC 6) or base (the tiny default base)",
+    "base": "base model directory: Hugging Face (config.json + safetensors) or Mistral consolidated",
+    "data": "training jsonl / jsonl.gz files or directories (pretrain and base: records with "
+            "'text'; sft: records with 'context', 'prompt', 'answer')",
+    "val_data": "validation files, same format as --data",
+    "out": "run directory; checkpoint/ and log.jsonl go there",
+    "init": "sft: directory of the pretrained generator to start from",
+    "resume": "continue the run in --out from its checkpoint, bit for bit",
+    "target_modules": "linear modules that receive an adapter (q_proj ... down_proj)",
+    "d_r": "generator width d_r (A1, A2 output)", "r": "generator width r (A3 output, B input)",
+    "k": "SVD rank of the adapter", "alpha": "adapter scale s = alpha / r",
+    "window": "tokens per context window w", "windows": "windows T per pretraining sequence",
+    "norm": "svd (N(S) = U_k V_k^T) or frobenius (S / ||S||_F, the paper's ablation)",
+    "svd": "randomized (torch.svd_lowrank's algorithm, as released) or exact",
+    "svd_niter": "power iterations of the randomized SVD",
+    "tasks": "self-supervised tasks, comma separated: completion,reconstruction (either alone "
+             "for the paper's ablation)",
+    "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay (not on norms)",
+    "warmup": "linear warm-up steps, then cosine decay to lr / 10",
+    "steps": "optimiser steps", "epochs": "sft: passes over the records (overrides --steps)",
+    "batch_size": "global batch in sequences (pretrain, base) or records (sft)",
+    "micro_batch": "sequences per device per forward (batch_size / (micro_batch x GPUs) "
+                   "gradient-accumulation steps)",
+    "grad_clip": "clip the gradient norm to this", "seed": "random seed",
+    "eval_interval": "validate every N steps", "eval_batches": "validation micro-batches",
+    "log_interval": "append to log.jsonl every N steps", "ckpt_interval": "checkpoint every N steps",
+    "device": "cpu or cuda (default: cuda when available)",
+}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags for every TrainConfig field; defaults: released values, or the tiny preset."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        tiny = {s: p[f.name] for s, p in TINY_PRESETS.items() if f.name in p}
+        tiny = json.loads(json.dumps(tiny).replace(str(ROOT) + "/", ""))  # paths as the README writes them
+        shown = getattr(defaults, f.name)
+        note = f" (default: {shown}" + (f"; without --base: {tiny}" if tiny else "") + ")"
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
+        elif f.name in ("data", "val_data"):
+            parser.add_argument(f"--{f.name}", nargs="+", default=None, help=HELP[f.name] + note)
+        else:
+            kind = f.type if f.type in (int, float) else str
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=HELP[f.name] + note)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+    stage = given.get("stage", defaults.stage)
+    if stage not in TINY_PRESETS:
+        parser.error(f"--stage {stage}: expected one of {list(TINY_PRESETS)}")
+    preset = TINY_PRESETS[stage] if "base" not in given else (SFT_RELEASED if stage == "sft" else {})
+    for name in ("target_modules", "tasks"):
+        if name in given:
+            given[name] = given[name].split(",")
+    config = TrainConfig(**{**asdict(defaults), **preset, **given})
+    if stage == "base" and "base" in given:
+        parser.error("--stage base trains the tiny default base; it takes no --base")
+    if stage != "base" and "base" in given and not config.data:
+        parser.error("--data is required with --base")
+    unknown = set(config.tasks) - set(TASKS)
+    if unknown or not config.tasks:
+        parser.error(f"--tasks {','.join(config.tasks)}: expected completion and/or reconstruction")
+    return config
+
+
+def generator_config(config: TrainConfig) -> GeneratorConfig:
+    return GeneratorConfig(target_modules=config.target_modules, d_r=config.d_r, r=config.r,
+                           k=config.k, alpha=config.alpha, window=config.window,
+                           norm=config.norm, svd=config.svd, svd_niter=config.svd_niter)
+
+
+# -----------------------------------------------------------------------------
+# Data: packed text, the SPEC 5 task layout, SPEC 6 records
+
+
+class TextStream:
+    """Documents (BOS + text + EOS) from jsonl files, packed into sequences of `length` tokens.
+
+    Rank r of `world` takes records r, r + world, ...; documents shorter than `min_tokens` are
+    skipped and counted. The stream restarts at the end of the data (a new epoch); its position
+    is a small state (records read, leftover tokens) that a checkpoint stores.
+    """
+
+    def __init__(self, paths, tokenizer: Tokenizer, length: int, min_tokens: int, rank=0, world=1):
+        self.paths, self.tokenizer, self.length, self.min_tokens = paths, tokenizer, length, min_tokens
+        self.rank, self.world = rank, world
+        self.position, self.epoch, self.skipped, self.buffer = 0, 0, 0, []
+        self._records = None
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "epoch": self.epoch, "skipped": self.skipped,
+                "buffer": list(self.buffer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.epoch, self.skipped = state["position"], state["epoch"], state["skipped"]
+        self.buffer, self._records = list(state["buffer"]), None
+
+    def _next_document(self) -> list[int]:
+        used_this_pass = self.position > 0
+        while True:
+            if self._records is None:
+                self._records = enumerate(iter_texts(self.paths))
+            for index, text in self._records:
+                if index < self.position or index % self.world != self.rank:
+                    continue
+                self.position = index + 1
+                ids = self.tokenizer.encode(text, bos=True, eos=True)
+                if len(ids) < self.min_tokens:
+                    self.skipped += 1
+                    continue
+                return ids
+            if not used_this_pass:
+                raise ValueError(f"{self.paths}: no document of at least {self.min_tokens} tokens "
+                                 f"for rank {self.rank} of {self.world} ({self.skipped} too short)")
+            self._records, self.position, self.epoch, used_this_pass = None, 0, self.epoch + 1, False
+
+    def next(self) -> list[int]:
+        while len(self.buffer) < self.length:
+            self.buffer += self._next_document()
+        sequence, self.buffer = self.buffer[:self.length], self.buffer[self.length:]
+        return sequence
+
+
+@dataclass
+class Batch:
+    """Windows run as independent sequences. tokens, mask, targets: (N, W, L); visible: (W, W);
+    task: (W,) index into TASKS of each window's loss; targets -100 where nothing is predicted."""
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+    visible: torch.Tensor
+    task: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def pretraining_layout(T: int, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 5's windows: T completion windows, then T reconstruction windows when that task is on.
+
+    Returns visible (W, W), where completion window i sees completion windows j < i and
+    reconstruction window i sees completion windows j <= i (nobody sees a reconstruction
+    window), and task (W,) for each window.
+    """
+    with_reconstruction = "reconstruction" in tasks
+    W = 2 * T if with_reconstruction else T
+    visible = torch.zeros(W, W, dtype=torch.bool)
+    visible[:T, :T] = torch.ones(T, T).tril(-1).bool()  # completion: strictly earlier windows
+    if with_reconstruction:
+        visible[T:, :T] = torch.ones(T, T).tril(0).bool()  # reconstruction i: windows 1..i
+    task = torch.tensor([0] * T + [1] * (W - T))
+    return visible, task
+
+
+def pretraining_example(sequence: list[int], T: int, w: int, tasks, rng: torch.Generator):
+    """One text of T * w tokens -> tokens, mask, targets (W, w) of the SPEC 5 layout.
+
+    Reconstruction window i (1-based) is a span of the text seen so far: its start is uniform
+    over the first i * w tokens, and it is cut at min(start + w, i * w), then right-padded.
+    """
+    text = torch.tensor(sequence).view(T, w)
+    tokens, mask = [text], [torch.ones(T, w, dtype=torch.bool)]
+    if "reconstruction" in tasks:
+        spans = torch.zeros(T, w, dtype=torch.long)
+        span_mask = torch.zeros(T, w, dtype=torch.bool)
+        flat = text.flatten()
+        for i in range(1, T + 1):
+            start = int(torch.randint(0, i * w, (1,), generator=rng))
+            end = min(start + w, i * w)
+            spans[i - 1, :end - start] = flat[start:end]
+            span_mask[i - 1, :end - start] = True
+        tokens.append(spans)
+        mask.append(span_mask)
+    tokens, mask = torch.cat(tokens), torch.cat(mask)
+    targets = next_token_targets(tokens, mask)
+    if "completion" not in tasks:  # the ablation: completion windows still give context
+        targets[:T] = -100
+    return tokens, mask, targets
+
+
+def next_token_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """targets[..., t] = tokens[..., t + 1] within each window, -100 where there is none."""
+    targets = torch.full_like(tokens, -100)
+    targets[..., :-1] = tokens[..., 1:].masked_fill(~mask[..., 1:], -100)
+    return targets
+
+
+def user_turn(prompt: str, context: str | None = None) -> str:
+    """The user message of a query: the context (when it is in the prompt), then the prompt."""
+    return f"{context}\n\n{prompt}" if context else prompt
+
+
+def chat_example(tokenizer: Tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of a user turn + assistant answer, and the targets: the answer's tokens (and
+    EOS) where they are predicted, -100 elsewhere (SPEC 6: loss on the answer only)."""
+    question = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    full = tokenizer.encode_chat([{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": answer}])
+    if full[:len(question)] != question:
+        raise ValueError(f"the chat template tokenises the prompt differently once the answer "
+                         f"follows; cannot mask the prompt of {prompt[:40]!r}")
+    targets = [-100] * (len(question) - 1) + full[len(question):] + [-100]
+    return full, targets
+
+
+def sft_example(tokenizer: Tokenizer, record, w: int):
+    """SPEC 6: the context as a user turn split into windows, then the prompt + answer window.
+
+    Returns the context windows (lists of ids) and the final window's ids and targets, or None
+    when the prompt and answer do not fit in one window.
+    """
+    context = tokenizer.encode_chat([{"role": "user", "content": record.context}])
+    ids, targets = chat_example(tokenizer, record.prompt, record.answer)
+    if len(ids) > w:
+        return None
+    return split_windows(context, w), ids, targets
+
+
+def sft_batch(examples, pad_id: int) -> Batch:
+    """Collates SPEC 6 examples: context windows first, empty windows, the final window last,
+    so that every window sees the strictly earlier ones (empty windows add nothing)."""
+    W = max(len(windows) for windows, _, _ in examples) + 1
+    L = max(len(x) for windows, ids, _ in examples for x in [*windows, ids])
+    tokens = torch.full((len(examples), W, L), pad_id)
+    mask = torch.zeros(len(examples), W, L, dtype=torch.bool)
+    targets = torch.full((len(examples), W, L), -100)
+    for n, (windows, ids, target) in enumerate(examples):
+        for j, window in enumerate(windows):
+            tokens[n, j, :len(window)] = torch.tensor(window)
+            mask[n, j, :len(window)] = True
+        tokens[n, -1, :len(ids)] = torch.tensor(ids)
+        mask[n, -1, :len(ids)] = True
+        targets[n, -1, :len(target)] = torch.tensor(target)
+    task = torch.zeros(W, dtype=torch.long)
+    return Batch(tokens, mask, targets, torch.ones(W, W).tril(-1).bool(), task)
+
+
+# -----------------------------------------------------------------------------
+# Batch sources (each with a state for exact resumption)
+
+
+class PretrainBatches:
+    """Micro-batches of SPEC 5 examples from a TextStream."""
+
+    def __init__(self, stream: TextStream, config: TrainConfig, seed: int):
+        self.stream, self.config = stream, config
+        self.rng = torch.Generator().manual_seed(seed)
+        self.visible, self.task = pretraining_layout(config.windows, config.tasks)
+
+    def next(self, n: int) -> Batch:
+        c = self.config
+        parts = [pretraining_example(self.stream.next(), c.windows, c.window, c.tasks, self.rng) for _ in range(n)]
+        tokens, mask, targets = (torch.stack(p) for p in zip(*parts))
+        return Batch(tokens, mask, targets, self.visible, self.task)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.rng.set_state(state["rng"])
+
+
+class RecordBatches:
+    """Micro-batches of examples, reshuffled every epoch; rank r takes every world-th."""
+
+    def __init__(self, examples: list, seed: int, collate, rank=0, world=1):
+        self.examples, self.seed, self.collate, self.rank, self.world = examples, seed, collate, rank, world
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order[self.rank::self.world]
+
+    def take(self, n: int) -> list:
+        chosen = []
+        while len(chosen) < n:
+            order = self._order()
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            chosen.append(self.examples[order[self.position]])
+            self.position += 1
+        return chosen
+
+    def next(self, n: int) -> Batch:
+        return self.collate(self.take(n))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class BaseBatches:
+    """The base stage's rows: a packed text window (task 'text') beside a reading-comprehension
+    window: a record in the chat template with its context in the prompt, supervised on the
+    answer (task 'answer')."""
+
+    def __init__(self, stream: TextStream, record_paths, tokenizer: Tokenizer, seed: int, rank=0, world=1):
+        self.stream, L = stream, stream.length
+        records = [r for path in record_paths for r in read_instructions(path)]
+        examples = [chat_example(tokenizer, user_turn(r.prompt, r.context), r.answer) for r in records]
+        examples = [e for e in examples if len(e[0]) <= L]
+        if not examples:
+            raise ValueError(f"{record_paths}: no record fits the base's window of {L} tokens")
+        self.records = RecordBatches(examples, seed, None, rank, world)
+
+    def next(self, n: int) -> Batch:
+        L = self.stream.length
+        tokens = torch.zeros(n, 2, L, dtype=torch.long)
+        mask = torch.zeros(n, 2, L, dtype=torch.bool)
+        targets = torch.full((n, 2, L), -100)
+        tokens[:, 0] = torch.tensor([self.stream.next() for _ in range(n)])
+        mask[:, 0] = True
+        targets[:, 0] = next_token_targets(tokens[:, 0], mask[:, 0])
+        for i, (ids, target) in enumerate(self.records.take(n)):
+            tokens[i, 1, :len(ids)], targets[i, 1, :len(ids)] = torch.tensor(ids), torch.tensor(target)
+            mask[i, 1, :len(ids)] = True
+        return Batch(tokens, mask, targets, torch.zeros(2, 2, dtype=torch.bool), torch.tensor([0, 1]))
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "records": self.records.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.records.load_state_dict(state["records"])
+
+
+def load_sft_examples(paths, tokenizer: Tokenizer, w: int) -> tuple[list, int]:
+    """SPEC 6 examples of every record whose prompt and answer fit one window; and how many
+    records were skipped for not fitting."""
+    examples, skipped = [], 0
+    for path in paths:
+        for record in read_instructions(path):
+            example = sft_example(tokenizer, record, w)
+            if example is None:
+                skipped += 1
+            else:
+                examples.append(example)
+    if not examples:
+        raise ValueError(f"{paths}: no instruction record fits a window of {w} tokens")
+    return examples, skipped
+
+
+# -----------------------------------------------------------------------------
+# Loss, optimiser, schedule
+
+
+def task_losses(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and token counts per task (len(TASKS),), float32."""
+    ce = F.cross_entropy(logits.float().flatten(0, -2), batch.targets.flatten(), ignore_index=-100,
+                         reduction="none").view(batch.targets.shape)  # (N, W, L)
+    supervised = batch.targets != -100
+    per_window = ce.sum((0, 2)), supervised.sum((0, 2)).float()  # (W,)
+    one_hot = F.one_hot(batch.task, len(TASKS)).float()  # (W, tasks)
+    return per_window[0] @ one_hot, per_window[1] @ one_hot
+
+
+def make_optimizer(module: torch.nn.Module, config: TrainConfig):
+    """AdamW over the trainable parameters; weight decay on matrices, not on norm weights."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "norm" not in n], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def combine(sums: torch.Tensor, counts: torch.Tensor, per_task: bool) -> torch.Tensor:
+    """The loss: the mean over all supervised tokens (SPEC 5), or the sum of each task's mean
+    (the base stage, so that short answers weigh as much as long texts)."""
+    if per_task:
+        return (sums / counts.clamp_min(1)).sum()
+    return sums.sum() / counts.sum().clamp_min(1)
+
+
+# -----------------------------------------------------------------------------
+# Training step and validation
+
+
+def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float,
+               config: TrainConfig, sync_module=None, per_task=False):
+    """One optimiser step over micro-batches (gradient accumulation).
+
+    Args:
+        forward: batch -> (logits (N, W, L, vocab), guard count).
+        params: the trained parameters (for clipping).
+        sync_module: the DDP module: gradients are all-reduced on the last micro-batch only.
+    Returns:
+        per-task loss sums and token counts, guard count and gradient norm (tensors, no sync).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums = counts = fired = 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = sync_module.no_sync() if sync_module is not None and not last else contextlib.nullcontext()
+        with no_sync, autocast(batch.tokens.device):
+            logits, f = forward(batch)
+            s, c = task_losses(logits, batch)
+            (combine(s, c, per_task) / len(micro_batches)).backward()
+        sums, counts, fired = sums + s.detach(), counts + c, fired + f
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, counts, fired, grad_norm
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (generator weights stay float32), nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def perplexities(forward, batches: list[Batch], names) -> dict:
+    """Perplexity per task over validation batches."""
+    sums = counts = 0
+    for batch in batches:
+        with autocast(batch.tokens.device):
+            s, c = task_losses(forward(batch)[0], batch)
+        sums, counts = sums + s, counts + c
+    return {name: math.exp(min(50.0, float(s / c))) for name, s, c in zip(names, sums, counts) if c > 0}
+
+
+@torch.no_grad()
+def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_context: bool) -> float:
+    """Greedy exact match of short answers, the context in the prompt or not (base stage)."""
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": user_turn(
+        r.prompt, r.context if with_context else None)}]) for r in records]
+    outputs = generate(model, prompts, 12, stop=("\n",), tokenizer=tokenizer, truncate=True)
+    hits = [tokenizer.decode(o).split("\n")[0].strip().lower() == r.answer.strip().lower()
+            for o, r in zip(outputs, records)]
+    return sum(hits) / len(hits)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a directory replaced atomically
+
+
+def save_checkpoint(out: Path, save_weights, trainer_state: dict) -> None:
+    """Writes checkpoint.tmp/ completely, then swaps it in for checkpoint/: an interrupted
+    write leaves the previous checkpoint (checkpoint/ or, mid-swap, checkpoint.old/) intact."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(tmp)
+    torch.save(trainer_state, tmp / "trainer.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out: Path) -> Path:
+    for candidate in (out / "checkpoint", out / "checkpoint.old"):
+        if (candidate / "trainer.pt").is_file():
+            return candidate
+    raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}/trainer.pt)")
+
+
+RESUMABLE_CHANGES = {"resume", "steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "device"}
+
+
+def check_resumed_config(saved: dict, config: TrainConfig) -> None:
+    """A resumed run must keep its hyperparameters; changing the step budget only warns."""
+    current = asdict(config)
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        raise ValueError("--resume with different hyperparameters: " + ", ".join(
+            f"--{k} was {saved.get(k)!r}, now {current[k]!r}" for k in changed))
+    if saved["steps"] != config.steps:
+        print(f"warning: --steps changed from {saved['steps']} to {config.steps}: "
+              "the learning-rate schedule changes from here on", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Set-up
+
+
+def setup_distributed(config: TrainConfig):
+    """Rank, world size and device, from torchrun's environment when present."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def init_tiny_base(args: ModelArgs) -> Transformer:
+    """A fresh base: weights normal(0, 0.02), residual outputs scaled by 1 / sqrt(2 L) (GPT-2)."""
+    model = Transformer(args)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * args.n_layers) if residual else 0.02)
+    return model
+
+
+@dataclass
+class Run:
+    """What a stage trains: the module (unwrapped), its DDP wrapper when distributed, the
+    forward over a batch, the batch sources, the frozen base, the tokenizer, the task names."""
+    module: torch.nn.Module
+    ddp: DDP | None
+    forward: object
+    train: object
+    val: object
+    base: Transformer | None
+    tokenizer: Tokenizer
+    tasks: tuple
+    save_weights: object
+
+
+def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
+    if config.stage == "base":
+        return build_base(config, rank, world, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base, tokenizer = load(config.base, device, dtype)
+    base.checkpointing = device.type == "cuda"  # recompute the base's layers in backward
+    if config.stage == "pretrain":
+        torch.manual_seed(config.seed)
+        generator = AdapterGenerator(base.args, generator_config(config)).to(device)
+        length = config.windows * config.window
+        train = PretrainBatches(TextStream(config.data, tokenizer, length, config.window, rank, world),
+                                config, config.seed + rank)
+        val = PretrainBatches(TextStream(config.val_data, tokenizer, length, config.window), config, 12345)
+    else:
+        if not config.init:
+            raise ValueError("--stage sft needs --init, the pretrained generator's directory")
+        generator = AdapterGenerator.load(config.init, base.args, device)
+        examples, skipped = load_sft_examples(config.data, tokenizer, generator.config.window)
+        if skipped and rank == 0:
+            print(f"sft: skipped {skipped} records whose prompt and answer exceed one window")
+        train = RecordBatches(examples, config.seed, sft_batch, rank, world)
+        val = RecordBatches(load_sft_examples(config.val_data, tokenizer, generator.config.window)[0],
+                            0, sft_batch)
+    ddp = DDP(generator, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
+    trained = ddp or generator
+
+    def forward(batch: Batch):
+        return trained(base, batch.tokens, batch.mask, batch.visible)
+    return Run(generator, ddp, forward, train, val, base, tokenizer, TASKS, generator.save)
+
+
+def build_base(config: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
+    """The base stage: a fresh tiny base trained on the world's text and reading comprehension."""
+    tokenizer = Tokenizer(TINY / "tokenizer.model", template="mistral")
+    torch.manual_seed(config.seed)
+    model = init_tiny_base(TINY_BASE).to(device)
+    split = lambda paths: ([p for p in paths if "instructions" not in Path(p).name],
+                           [p for p in paths if "instructions" in Path(p).name])
+    texts, records = split(config.data)
+    val_texts, val_records = split(config.val_data)
+    L = TINY_BASE.max_seq_len
+    train = BaseBatches(TextStream(texts, tokenizer, L, 1, rank, world), records, tokenizer,
+                        config.seed + rank, rank, world)
+    val = BaseBatches(TextStream(val_texts, tokenizer, L, 1), val_records, tokenizer, 12345)
+    ddp = DDP(model) if world > 1 else None
+    trained = ddp or model
+
+    def forward(batch: Batch):
+        N, W, T = batch.tokens.shape
+        return trained(batch.tokens.view(N * W, T)).view(N, W, T, -1), torch.zeros((), device=device)
+    return Run(model, ddp, forward, train, val, None, tokenizer, ("text", "answer"), model.save_pretrained)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None) -> Path:
+    config = parse_args(argv)
+    rank, world, device = setup_distributed(config)
+    accum = config.batch_size // (config.micro_batch * world)
+    if accum * config.micro_batch * world != config.batch_size:
+        raise ValueError(f"--batch_size {config.batch_size} is not a multiple of --micro_batch "
+                         f"{config.micro_batch} x {world} processes")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = build(config, rank, world, device)
+    if config.stage == "sft" and config.epochs:
+        config.steps = math.ceil(config.epochs * len(run.train.examples) / config.batch_size)
+    optimizer = make_optimizer(run.module, config)
+    params = [p for p in run.module.parameters() if p.requires_grad]
+    step = 0
+    if config.resume:
+        step = resume(out, config, run, optimizer, rank, world, device)
+    val_batches = [run.val.next(config.micro_batch).to(device) for _ in range(config.eval_batches)]
+    per_task = config.stage == "base"
+    if rank == 0:
+        print(f"{config.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, "
+              f"{config.steps} steps of {config.batch_size} on {world} x {device}")
+    bar = tqdm(total=config.steps, initial=step, desc=config.stage, disable=rank != 0, dynamic_ncols=True)
+    started, tokens_seen, last_log = time.time(), 0, None
+    while step < config.steps:
+        micro = [run.train.next(config.micro_batch).to(device) for _ in range(accum)]
+        sums, counts, fired, grad_norm = train_step(run.forward, params, micro, optimizer,
+                                                     learning_rate(step, config), config, run.ddp, per_task)
+        step += 1
+        tokens_seen += sum(int(b.mask.sum()) for b in micro) * world
+        if step % config.log_interval == 0 or step == config.steps:
+            last_log = log_step(out, step, config, run.tasks, sums, counts, fired, grad_norm,
+                                tokens_seen / (time.time() - started), world, rank, bar)
+        bar.update(1)
+        if step % config.eval_interval == 0 or step == config.steps:
+            validate(run, val_batches, config, rank, step)
+        if step % config.ckpt_interval == 0 or step == config.steps:
+            write_checkpoint(out, config, run, optimizer, step, rank, world)
+    bar.close()
+    if rank == 0:
+        finish(out, config, run, last_log, time.time() - started)
+    if world > 1:
+        dist.destroy_process_group()
+    return out / "checkpoint"
+
+
+def log_step(out, step, config, tasks, sums, counts, fired, grad_norm, tokens_per_s, world, rank, bar):
+    """Appends a line to log.jsonl and updates the progress bar (one host sync)."""
+    stats = torch.cat([sums, counts, fired.float().view(1)])
+    if world > 1:
+        dist.all_reduce(stats)
+    stats = stats.tolist()
+    losses = {name: stats[i] / stats[len(tasks) + i] for i, name in enumerate(tasks) if stats[len(tasks) + i]}
+    record = {"step": step, "loss": sum(stats[:len(tasks)]) / max(1.0, sum(stats[len(tasks):2 * len(tasks)])),
+              **{f"loss_{k}": v for k, v in losses.items()}, "lr": learning_rate(step - 1, config),
+              "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, "svd_guard_fired": int(stats[-1])}
+    if rank == 0:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in record.items() if k.startswith("loss_")})
+    return record
+
+
+def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int) -> None:
+    """Generator stages: perplexity per task with the generated adapter and with the base alone.
+    Base stage: perplexity, and answer accuracy with and without the context in the prompt."""
+    if rank != 0:
+        return
+    if run.base is None:
+        ppl = perplexities(run.forward, val_batches, run.tasks)
+        records = read_instructions(next(p for p in config.val_data if "instructions" in Path(p).name))
+        qa = [r for r in records if r.context and len(run.tokenizer.encode(user_turn(r.prompt, r.context))) < 200][:64]
+        em_context = answer_accuracy(run.module, run.tokenizer, qa, with_context=True)
+        em_closed = answer_accuracy(run.module, run.tokenizer, qa, with_context=False)
+        tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
+                   f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}")
+        return
+    plain = lambda b: (run.base(b.tokens.flatten(0, 1)).view(*b.tokens.shape, -1), None)
+    adapted = perplexities(lambda b: run.module(run.base, b.tokens, b.mask, b.visible), val_batches, run.tasks)
+    alone = perplexities(plain, val_batches, run.tasks)
+    tqdm.write(f"step {step}: validation perplexity " + ", ".join(
+        f"{name} {adapted[name]:.2f} with adapter / {alone[name]:.2f} base alone" for name in adapted))
+
+
+def write_checkpoint(out: Path, config: TrainConfig, run: Run, optimizer, step: int, rank: int, world: int):
+    """Rank 0 writes the weights, optimiser state and every rank's RNG and data position."""
+    mine = {"data": run.train.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    ranks = [None] * world
+    if world > 1:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    if rank == 0:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": asdict(config)}
+        save_checkpoint(out, run.save_weights, state)
+    if world > 1:
+        dist.barrier()
+
+
+def resume(out: Path, config: TrainConfig, run: Run, optimizer, rank: int, world: int, device) -> int:
+    """Restores weights, optimiser, RNG and data position; returns the step to continue from."""
+    path = find_checkpoint(out)
+    state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    check_resumed_config(state["config"], config)
+    if len(state["ranks"]) != world:
+        raise ValueError(f"--resume: {path} was written by {len(state['ranks'])} processes, this run has {world}")
+    if config.stage == "base":
+        weights = Transformer.from_pretrained(path, device)
+    else:
+        weights = AdapterGenerator.load(path, run.base.args, device)
+    run.module.load_state_dict(weights.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    mine = state["ranks"][rank]
+    run.train.load_state_dict(mine["data"])
+    torch.set_rng_state(mine["rng"])
+    if mine["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda_rng"])
+    if rank == 0:
+        print(f"resumed {path} at step {state['step']}")
+    return state["step"]
+
+
+def finish(out: Path, config: TrainConfig, run: Run, last_log: dict | None, seconds: float) -> None:
+    """The final summary, and in the base stage the model written beside its tokenizer."""
+    checkpoint = out / "checkpoint"
+    print(f"\ndone in {seconds / 60:.1f} min; final log line: {json.dumps(last_log)}")
+    if config.stage == "base":
+        run.module.save_pretrained(out)
+        if not (out / "tokenizer.model").exists():
+            shutil.copy(TINY / "tokenizer.model", out / "tokenizer.model")
+        print(f"the base is in {out}/ (config.json, model.safetensors, tokenizer.model)")
+        return
+    if config.stage == "pretrain" and run.train.stream.skipped:
+        print(f"{run.train.stream.skipped} documents shorter than a window ({config.window} tokens) were skipped")
+    print(f"generator checkpoint: {checkpoint}/ (generator.safetensors, generator.json)")
+    if config.stage == "pretrain":
+        print(f"next: python train.py --stage sft --init {checkpoint}   (instruction tuning), or")
+    print(f"next: python evaluate.py --task streamingqa --generator {checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
