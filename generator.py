@@ -126,7 +126,7 @@ def svd_normalize(S: torch.Tensor, config: GeneratorConfig, generator=None):
         U, V, sv = U[..., :config.k], Vh[..., :config.k, :].mT, sv[..., :config.k + 1]
     else:
         U, sv, V = randomized_svd(S, config.k, config.svd_niter, generator)
-    present = sv[..., :config.k] > 1e-6 * sv[..., :1]  # (..., k); all False when S == 0
+    present = sv[..., :config.k] > 1e-5 * sv[..., :1]  # (..., k); above float32's noise; none when S == 0
     return U * present[..., None, :], V, sv
 
 
@@ -136,9 +136,10 @@ def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None):
     dropped for this step (P set to zero) and no gradient through its SVD.
 
     The released rule, with GUARD_GAP for its 1e-7: fire when
-    min_i min(gap_i / (s_1 + 1e-6), gap_i) < GUARD_GAP with gap_i = s_i - s_{i+1}. Returns the guarded P and how many windows fired (a tensor:
-    reading it is a host sync, left to the caller's log line). Windows with S == 0 (nothing
-    visible) are dropped too but not counted.
+        min_i min(gap_i / (s_1 + 1e-6), gap_i) < GUARD_GAP,   gap_i = s_i - s_{i+1},
+    over the singular values svd_normalize returns. Returns the guarded P and how many windows
+    fired (a tensor: reading it is a host sync, left to the caller's log line). Windows with
+    S == 0 (nothing visible) are dropped too, but not counted.
     """
     if sv is None:  # Frobenius normalisation: no SVD to guard
         return P, torch.zeros((), device=P.device)

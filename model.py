@@ -38,6 +38,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Config
 
 
+def required(config: dict, key: str, source: str):
+    if key not in config:
+        raise ValueError(f"{source}: missing field '{key}'")
+    return config[key]
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -60,11 +66,7 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Reads a Hugging Face config.json (transformers 4.x or 5.x spelling)."""
-        def need(key):
-            if key not in cfg:
-                raise ValueError(f"{source}: missing field '{key}'")
-            return cfg[key]
-
+        need = lambda key: required(cfg, key, source)
         model_type = need("model_type")
         if model_type not in ("llama", "mistral"):
             raise ValueError(f"{source}: model_type '{model_type}' is not supported "
@@ -99,11 +101,7 @@ class ModelArgs:
     @classmethod
     def from_params(cls, params: dict, source: str = "params.json") -> "ModelArgs":
         """Reads a Mistral / Meta params.json (consolidated format)."""
-        def need(key):
-            if key not in params:
-                raise ValueError(f"{source}: missing field '{key}'")
-            return params[key]
-
+        need = lambda key: required(params, key, source)
         dim, n_heads = need("dim"), need("n_heads")
         hidden_dim = params.get("hidden_dim")
         if hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
@@ -189,10 +187,12 @@ class KVCache:
 
     Slots are shared by the rows of a batch; positions are per row, so left-padded prompts
     of different lengths decode together. All slots are kept (no rolling buffer): a sliding
-    window is applied through the attention mask, which is exact.
+    window is applied through the attention mask, which is exact. With static=True attention
+    always spans all max_len slots (unfilled ones masked): every decode step has the same
+    shapes, as torch.compile's CUDA graphs need.
     """
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype, static: bool = False):
         shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -201,12 +201,14 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0  # slots filled
         self.padded = False  # whether any filled slot is padding (then a mask is needed)
+        self.static = static
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Writes k, v (B, n_kv, T, hd) into the next slots; returns all filled (B, n_kv, S, hd)."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
+        end = self.k.shape[3] if self.static else end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -343,8 +345,10 @@ class Transformer(nn.Module):
             start, end = cache.length, cache.length + T
             cache.pos[:, start:end], cache.valid[:, start:end] = positions, real
             cache.padded |= padded
-            if not cache.padded and (window is None or end <= window) and (T == 1 or start == 0):
+            if (not cache.padded and not cache.static and (window is None or end <= window)
+                    and (T == 1 or start == 0)):
                 return None
+            end = cache.pos.shape[1] if cache.static else end
             kpos, kvalid = cache.pos[:, :end], cache.valid[:, :end]
         qslot = torch.arange(start, start + T, device=positions.device)
         return attention_mask(positions, kpos, kvalid, qslot, window)

@@ -12,7 +12,9 @@ Stages:
   pretrain  self-supervised completion + reconstruction (SPEC 5) on packed text windows;
   sft       (context, prompt, answer) records: the context as windows, the chat turn as the final
             window, loss on the answer only (SPEC 6);
-  base      trains the tiny Mistral-architecture base of the embedded default from scratch.
+  base      trains the tiny Mistral-architecture base of the embedded default from scratch, on
+            text and reading comprehension about worlds invented on the fly (data/make_world.py),
+            so that it knows none of the facts in data/world/.
 
 Defaults are the authors' released configuration for a full-size base; without --base, the
 embedded tiny preset (printed by --help) replaces them. Every run writes, under --out:
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from data.make_world import FreshWorlds
 from data.readers import iter_texts, read_instructions
 from generator import AdapterGenerator, GeneratorConfig, split_windows
 from model import ModelArgs, Tokenizer, Transformer, generate, load
@@ -99,27 +102,26 @@ TINY_PRESETS = {
                      eval_batches=4, log_interval=5, ckpt_interval=100),
     "sft": dict(data=[str(WORLD / "instructions_train.jsonl.gz")],
                 val_data=[str(WORLD / "instructions_validation.jsonl")], out="runs/sft",
-                init="runs/pretrain/checkpoint", window=64, lr=1e-3, warmup=30, epochs=0,
+                init="runs/pretrain/checkpoint", lr=1e-3, warmup=30, epochs=0,
                 steps=600, batch_size=16, micro_batch=16, eval_interval=200, eval_batches=4,
                 log_interval=5, ckpt_interval=200),
-    "base": dict(data=[str(WORLD / "pretrain_train.jsonl.gz"), str(WORLD / "instructions_train.jsonl.gz")],
-                 val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
-                 out=str(TINY), lr=2e-3, warmup=200, steps=6000, batch_size=16, micro_batch=16,
-                 weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=20,
-                 ckpt_interval=1000),
+    "base": dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
+                 out=str(TINY), lr=1.5e-3, warmup=100, steps=2000, batch_size=32, micro_batch=32,
+                 weight_decay=0.1, eval_interval=250, eval_batches=8, log_interval=10,
+                 ckpt_interval=250),
 }
 # SPEC 6's released instruction tuning of a full-size base.
 SFT_RELEASED = dict(lr=5e-5, epochs=2, batch_size=32)
 # The tiny default base (Mistral architecture, grouped-query attention, a 256-token window).
-TINY_BASE = ModelArgs(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, hidden_dim=512,
+TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
                       vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
-                      model_type="mistral", dtype="float32")
+                      tie_embeddings=True, model_type="mistral", dtype="float32")
 
 HELP = {
     "stage": "pretrain (SPEC 5), sft (SPEC 6) or base (the tiny default base)",
     "base": "base model directory: Hugging Face (config.json + safetensors) or Mistral consolidated",
-    "data": "training jsonl / jsonl.gz files or directories (pretrain and base: records with "
-            "'text'; sft: records with 'context', 'prompt', 'answer')",
+    "data": "training jsonl / jsonl.gz files or directories (pretrain: records with 'text'; "
+            "sft: records with 'context', 'prompt', 'answer'; the base stage draws fresh worlds instead)",
     "val_data": "validation files, same format as --data",
     "out": "run directory; checkpoint/ and log.jsonl go there",
     "init": "sft: directory of the pretrained generator to start from",
@@ -171,8 +173,9 @@ def parse_args(argv=None) -> TrainConfig:
         if name in given:
             given[name] = given[name].split(",")
     config = TrainConfig(**{**asdict(defaults), **preset, **given})
-    if stage == "base" and "base" in given:
-        parser.error("--stage base trains the tiny default base; it takes no --base")
+    if stage == "base" and ("base" in given or "data" in given):
+        parser.error("--stage base trains the tiny default base on fresh worlds (data/make_world.py); "
+                     "it takes no --base or --data")
     if stage != "base" and "base" in given and not config.data:
         parser.error("--data is required with --base")
     unknown = set(config.tasks) - set(TASKS)
@@ -242,7 +245,8 @@ class TextStream:
 @dataclass
 class Batch:
     """Windows run as independent sequences. tokens, mask, targets: (N, W, L); visible: (W, W);
-    task: (W,) index into TASKS of each window's loss; targets -100 where nothing is predicted."""
+    task: which loss each target counts in (an index into the stage's task names), broadcastable
+    to (N, W, L): (W, 1) per window, or per token; targets -100 where nothing is predicted."""
     tokens: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
@@ -321,20 +325,25 @@ def chat_example(tokenizer: Tokenizer, prompt: str, answer: str) -> tuple[list[i
     return full, targets
 
 
+def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
+    """SPEC 6: a context is given to the generator as a user turn of the chat template."""
+    return tokenizer.encode_chat([{"role": "user", "content": context}])
+
+
 def sft_example(tokenizer: Tokenizer, record, w: int):
     """SPEC 6: the context as a user turn split into windows, then the prompt + answer window.
 
     Returns the context windows (lists of ids) and the final window's ids and targets, or None
     when the prompt and answer do not fit in one window.
     """
-    context = tokenizer.encode_chat([{"role": "user", "content": record.context}])
+    context = context_ids(tokenizer, record.context)
     ids, targets = chat_example(tokenizer, record.prompt, record.answer)
     if len(ids) > w:
         return None
     return split_windows(context, w), ids, targets
 
 
-def sft_batch(examples, pad_id: int) -> Batch:
+def sft_batch(examples, pad_id: int = 0) -> Batch:
     """Collates SPEC 6 examples: context windows first, empty windows, the final window last,
     so that every window sees the strictly earlier ones (empty windows add nothing)."""
     W = max(len(windows) for windows, _, _ in examples) + 1
@@ -349,7 +358,7 @@ def sft_batch(examples, pad_id: int) -> Batch:
         tokens[n, -1, :len(ids)] = torch.tensor(ids)
         mask[n, -1, :len(ids)] = True
         targets[n, -1, :len(target)] = torch.tensor(target)
-    task = torch.zeros(W, dtype=torch.long)
+    task = torch.zeros(W, 1, dtype=torch.long)
     return Batch(tokens, mask, targets, torch.ones(W, W).tril(-1).bool(), task)
 
 
@@ -369,7 +378,7 @@ class PretrainBatches:
         c = self.config
         parts = [pretraining_example(self.stream.next(), c.windows, c.window, c.tasks, self.rng) for _ in range(n)]
         tokens, mask, targets = (torch.stack(p) for p in zip(*parts))
-        return Batch(tokens, mask, targets, self.visible, self.task)
+        return Batch(tokens, mask, targets, self.visible, self.task[:, None])
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "rng": self.rng.get_state()}
@@ -405,6 +414,9 @@ class RecordBatches:
     def next(self, n: int) -> Batch:
         return self.collate(self.take(n))
 
+    def example(self):
+        return self.take(1)[0]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
@@ -412,38 +424,79 @@ class RecordBatches:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-class BaseBatches:
-    """The base stage's rows: a packed text window (task 'text') beside a reading-comprehension
-    window: a record in the chat template with its context in the prompt, supervised on the
-    answer (task 'answer')."""
+class FreshSource:
+    """The base stage's endless training data: text windows and reading-comprehension examples
+    about worlds invented on the spot (data/make_world.FreshWorlds); draw i of rank r is a
+    function of (seed, r, i), so a counter is all the state."""
 
-    def __init__(self, stream: TextStream, record_paths, tokenizer: Tokenizer, seed: int, rank=0, world=1):
-        self.stream, L = stream, stream.length
-        records = [r for path in record_paths for r in read_instructions(path)]
-        examples = [chat_example(tokenizer, user_turn(r.prompt, r.context), r.answer) for r in records]
-        examples = [e for e in examples if len(e[0]) <= L]
-        if not examples:
-            raise ValueError(f"{record_paths}: no record fits the base's window of {L} tokens")
-        self.records = RecordBatches(examples, seed, None, rank, world)
+    def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0):
+        self.tokenizer, self.length, self.prefix = tokenizer, length, f"{seed}/{rank}"
+        self.worlds, self.count = FreshWorlds(), 0
 
-    def next(self, n: int) -> Batch:
-        L = self.stream.length
-        tokens = torch.zeros(n, 2, L, dtype=torch.long)
-        mask = torch.zeros(n, 2, L, dtype=torch.bool)
-        targets = torch.full((n, 2, L), -100)
-        tokens[:, 0] = torch.tensor([self.stream.next() for _ in range(n)])
-        mask[:, 0] = True
-        targets[:, 0] = next_token_targets(tokens[:, 0], mask[:, 0])
-        for i, (ids, target) in enumerate(self.records.take(n)):
-            tokens[i, 1, :len(ids)], targets[i, 1, :len(ids)] = torch.tensor(ids), torch.tensor(target)
-            mask[i, 1, :len(ids)] = True
-        return Batch(tokens, mask, targets, torch.zeros(2, 2, dtype=torch.bool), torch.tensor([0, 1]))
+    def _key(self) -> str:
+        self.count += 1
+        return f"{self.prefix}/{self.count}"
+
+    def next(self) -> list[int]:
+        """A text window of `length` tokens (BOS, then documents)."""
+        while True:
+            ids = self.tokenizer.encode(self.worlds.text(self._key()))
+            if len(ids) >= self.length:
+                return ids[:self.length]
+
+    def example(self) -> tuple[list[int], list[int]]:
+        """A record in the chat template, context in the prompt, that fits `length` tokens."""
+        while True:
+            r = self.worlds.instruction(self._key())
+            ids, targets = chat_example(self.tokenizer, user_turn(r["prompt"], r["context"]), r["answer"])
+            if len(ids) <= self.length:
+                return ids, targets
 
     def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict(), "records": self.records.state_dict()}
+        return {"count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
+        self.count = state["count"]
+
+
+class BaseBatches:
+    """The base stage's rows, one window each: a quarter are text windows (loss 'text' on every
+    token), the rest are reading-comprehension examples (chat template, context in the prompt)
+    packed one after another, with the loss 'answer' on their answers and 'text' on the rest.
+
+    `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
+    """
+
+    def __init__(self, texts, records, length: int):
+        self.texts, self.records, self.length = texts, records, length
+
+    def next(self, n: int) -> Batch:
+        L = self.length
+        tokens = torch.zeros(n, 1, L, dtype=torch.long)
+        mask = torch.zeros(n, 1, L, dtype=torch.bool)
+        targets = torch.full((n, 1, L), -100)
+        task = torch.zeros(n, 1, L, dtype=torch.long)
+        for i in range(n):
+            if i < n // 4:
+                ids, answer = self.texts.next(), [-100] * L
+            else:  # pack whole examples; the one that does not fit is dropped
+                ids, answer = [], []
+                while True:
+                    more, more_answer = self.records.example()
+                    if len(ids) + len(more) > L:
+                        break
+                    ids, answer = ids + more, answer + more_answer
+            row = torch.tensor(ids)
+            tokens[i, 0, :len(ids)], mask[i, 0, :len(ids)] = row, True
+            targets[i, 0, :len(ids) - 1] = row[1:]  # answers' targets are their next tokens too
+            task[i, 0, :len(ids)] = (torch.tensor(answer) != -100).long()
+        return Batch(tokens, mask, targets, torch.zeros(1, 1, dtype=torch.bool), task)
+
+    def state_dict(self) -> dict:
+        return {"texts": self.texts.state_dict(), "records": self.records.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.texts.load_state_dict(state["texts"])
         self.records.load_state_dict(state["records"])
 
 
@@ -471,10 +524,10 @@ def task_losses(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch
     """Summed next-token cross-entropy and token counts per task (len(TASKS),), float32."""
     ce = F.cross_entropy(logits.float().flatten(0, -2), batch.targets.flatten(), ignore_index=-100,
                          reduction="none").view(batch.targets.shape)  # (N, W, L)
-    supervised = batch.targets != -100
-    per_window = ce.sum((0, 2)), supervised.sum((0, 2)).float()  # (W,)
-    one_hot = F.one_hot(batch.task, len(TASKS)).float()  # (W, tasks)
-    return per_window[0] @ one_hot, per_window[1] @ one_hot
+    task = batch.task.expand_as(batch.targets).flatten()
+    supervised = (batch.targets != -100).flatten().float()
+    zeros = torch.zeros(len(TASKS), device=ce.device)
+    return zeros.index_add(0, task, ce.flatten()), zeros.index_add(0, task, supervised)
 
 
 def make_optimizer(module: torch.nn.Module, config: TrainConfig):
@@ -674,18 +727,20 @@ def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
 
 
 def build_base(config: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
-    """The base stage: a fresh tiny base trained on the world's text and reading comprehension."""
+    """The base stage: a fresh tiny base trained on fresh worlds (FreshSource), validated on the
+    committed validation files (whose entities it never sees)."""
     tokenizer = Tokenizer(TINY / "tokenizer.model", template="mistral")
     torch.manual_seed(config.seed)
     model = init_tiny_base(TINY_BASE).to(device)
-    split = lambda paths: ([p for p in paths if "instructions" not in Path(p).name],
-                           [p for p in paths if "instructions" in Path(p).name])
-    texts, records = split(config.data)
-    val_texts, val_records = split(config.val_data)
     L = TINY_BASE.max_seq_len
-    train = BaseBatches(TextStream(texts, tokenizer, L, 1, rank, world), records, tokenizer,
-                        config.seed + rank, rank, world)
-    val = BaseBatches(TextStream(val_texts, tokenizer, L, 1), val_records, tokenizer, 12345)
+    fresh = FreshSource(tokenizer, L, config.seed, rank)
+    train = BaseBatches(fresh, fresh, L)
+    texts = [p for p in config.val_data if "instructions" not in Path(p).name]
+    records = [p for p in config.val_data if "instructions" in Path(p).name]
+    examples = [chat_example(tokenizer, user_turn(r.prompt, r.context), r.answer)
+                for path in records for r in read_instructions(path)]
+    fitting = [e for e in examples if len(e[0]) <= L]
+    val = BaseBatches(TextStream(texts, tokenizer, L, 1), RecordBatches(fitting, 0, None), L)
     ddp = DDP(model) if world > 1 else None
     trained = ddp or model
 

@@ -567,13 +567,15 @@ def fact_templates(entity, relations: list[str], rng: random.Random) -> list[str
     return templates
 
 
-def write_document(world: World, split: Split, entity, style: str, rng: random.Random) -> Document:
-    """One document (~30-90 words) stating 2-4 facts of an entity, with 1-2 distractor entities."""
+def write_document(world: World, split: Split, entity, style: str, rng: random.Random,
+                   distractors: bool = True) -> Document:
+    """One document (~30-90 words) stating 2-4 facts of an entity, with 1-2 distractor entities
+    (or, with distractors=False, about that entity alone)."""
     facts = facts_of(world, entity)
     stated = rng.sample(list(facts), rng.randint(2, min(4, len(facts))))
-    related = related_mention(world, entity, rng)
+    related = related_mention(world, entity, rng) if distractors else None
     links, link_fact = ([related[0]], related[1]) if related else ([], None)
-    if not links or rng.random() < 0.5:
+    if distractors and (not links or rng.random() < 0.5):
         links.append(other_mention(world, split, entity, rng))
     templates = fact_templates(entity, [r for r in stated if r != link_fact], rng)
     if link_fact and link_fact not in stated:
@@ -872,6 +874,69 @@ def instruction_records(world: World, split_name: str, n: int, users: list, seed
     records += [fewshot_instruction(rng.choice(train_tasks), split, rng) for _ in range(n - len(records))]
     rng.shuffle(records)
     return records
+
+
+# -----------------------------------------------------------------------------
+# Fresh worlds, for training the tiny base
+
+class FreshWorlds:
+    """Endless text and reading-comprehension records about worlds invented on the spot.
+
+    The tiny base model (train.py --stage base) trains on these instead of the files: every draw
+    invents a small split of new people, organisations and events on the committed world's
+    geography, named with words that no committed file uses, and its facts are new each time. The
+    base learns the world's language and to answer from a context, but no fact that the generator
+    is later trained or evaluated on, so those facts can only come from the context.
+    """
+
+    SIZES = (40, 20, 20)  # people, organisations, events of a fresh split
+
+    def __init__(self, config: WorldConfig = WorldConfig()):
+        self.world = build_world(config)
+        self.train_tasks, _ = build_tasks(self.world, config.seed)
+        w = self.world
+        names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
+                 + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
+                 + [e.name.split()[0] for s in w.splits.values() for e in s.events])
+        self.taken = reserved_words() | {name.lower() for name in names}
+
+    def _fresh(self, rng: random.Random) -> tuple[World, Split]:
+        names = NameMaker(rng)
+        names.used = set(self.taken)
+        split = build_split(names, self.world.first_names, list(self.world.cities), self.SIZES, rng)
+        w = self.world
+        return World(w.cities, {"fresh": split}, w.first_names, w.pet_names, w.teams, w.label_words), split
+
+    def text(self, key: str, min_words: int = 220) -> str:
+        """Documents of one style about a fresh split, joined by blank lines, at least min_words."""
+        rng = random.Random(f"fresh/text/{key}")
+        world, split = self._fresh(rng)
+        style, documents, words = rng.choice(list(STYLES)), [], 0
+        while words < min_words:
+            documents.append(write_document(world, split, pick_entity(split, rng), style, rng).text)
+            words += len(documents[-1].split())
+        return "\n\n".join(documents)
+
+    def instruction(self, key: str) -> dict:
+        """A record {"context", "prompt", "answer"}: 30% easy QA (one document about one entity,
+        no distractor: the answer is the only candidate of its kind, which is how a small model
+        first learns to look things up), 30% QA over documents as in instructions_train, 30%
+        few-shot (train tasks), 10% dialogue memory."""
+        rng = random.Random(f"fresh/instruction/{key}")
+        world, split = self._fresh(rng)
+        roll = rng.random()
+        if roll < 0.3:
+            document = write_document(world, split, pick_entity(split, rng), rng.choice(list(STYLES)), rng,
+                                      distractors=False)
+            phrasings, answers = rng.choice(document.questions)
+            return {"context": document.text, "prompt": rng.choice(phrasings), "answer": answers[0]}
+        if roll < 0.6:
+            return qa_instruction(world, split, rng)
+        if roll < 0.9:
+            return fewshot_instruction(rng.choice(self.train_tasks), split, rng)
+        record, facts = msc_user(world, "fresh", rng)
+        fact = rng.choice(facts)
+        return {"context": dialogue_text(record), "prompt": fact.question, "answer": fact.answer}
 
 
 # -----------------------------------------------------------------------------

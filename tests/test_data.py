@@ -172,6 +172,18 @@ def test_no_validation_or_test_entity_in_training_files():
     assert not any(name in train_text for name in people[:50])
 
 
+def test_fresh_worlds_for_the_base_name_nothing_of_the_files():
+    fresh = make_world.FreshWorlds()
+    entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]
+    committed = set().union(*(set(names["name_words"]) for names in entities.values()))
+    drawn = [fresh.text(str(i)) for i in range(30)]
+    drawn += [r["context"] + " " + r["prompt"] + " " + r["answer"] for r in (fresh.instruction(str(i)) for i in range(60))]
+    assert not words_in(drawn) & committed
+    assert fresh.text("7") == make_world.FreshWorlds().text("7")  # a function of the key
+    assert fresh.text("7") != fresh.text("8")
+    assert len(words_in(drawn) - words_in(split_words("train"))) > 100  # new names all the time
+
+
 # -----------------------------------------------------------------------------
 # Reader errors
 

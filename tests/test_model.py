@@ -142,6 +142,18 @@ def test_cached_decoding_matches_recomputation(window):
     assert greedy == seq[:, 7:].tolist()
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_static_cache_equals_growing_cache(window):
+    model = random_model(tiny_args(sliding_window=window))
+    seq = torch.randint(0, 320, (2, 6))
+    growing = KVCache(model.args, 2, 20, "cpu", torch.float32)
+    static = KVCache(model.args, 2, 20, "cpu", torch.float32, static=True)
+    torch.testing.assert_close(model(seq, cache=static), model(seq, cache=growing), atol=1e-5, rtol=1e-5)
+    for _ in range(8):
+        token = torch.randint(0, 320, (2, 1))
+        torch.testing.assert_close(model(token, cache=static), model(token, cache=growing), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_batch_of_different_lengths_equals_each_alone(window):
     model = random_model(tiny_args(sliding_window=window))
@@ -267,13 +279,14 @@ def test_tokenizer_round_trip_and_ids(spm_path):
         assert tok.decode(ids) == text
 
 
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Maro born?"},
+        {"role": "assistant", "content": "Tesk"}, {"role": "user", "content": "And his job?"}]
+
+
 def test_mistral_chat_template(spm_path):
     tok = Tokenizer(spm_path, template="mistral")
     enc = tok.sp.encode
-    ids = tok.encode_chat([{"role": "system", "content": "Be brief."},
-                           {"role": "user", "content": "Where was Maro born?"},
-                           {"role": "assistant", "content": "Tesk"},
-                           {"role": "user", "content": "And his job?"}])
+    ids = tok.encode_chat(CHAT)
     assert ids == ([1] + enc("[INST] Be brief.\n\nWhere was Maro born? [/INST]") + enc("Tesk") + [2]
                    + enc("[INST] And his job? [/INST]"))
 
@@ -281,10 +294,7 @@ def test_mistral_chat_template(spm_path):
 def test_llama2_chat_template(spm_path):
     tok = Tokenizer(spm_path, template="llama2")
     enc = tok.sp.encode
-    ids = tok.encode_chat([{"role": "system", "content": "Be brief."},
-                           {"role": "user", "content": "Where was Maro born?"},
-                           {"role": "assistant", "content": "Tesk"},
-                           {"role": "user", "content": "And his job?"}])
+    ids = tok.encode_chat(CHAT)
     assert ids == ([1] + enc("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhere was Maro born? [/INST] Tesk ")
                    + [2] + [1] + enc("[INST] And his job? [/INST]"))
 

@@ -100,6 +100,28 @@ def test_ablation_switches():
     assert train.generator_config(train.parse_args([])).norm == "svd"
 
 
+def test_base_stage_data_resumes_from_a_counter():
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    source = train.FreshSource(tok, 128, seed=0)
+    first = source.next()
+    assert len(first) == 128 and first[0] == tok.bos_id
+    state = source.state_dict()
+    examples = [source.example() for _ in range(3)]
+    again = train.FreshSource(tok, 128, seed=0)
+    again.load_state_dict(state)
+    assert [again.example() for _ in range(3)] == examples
+    assert all(len(ids) <= 128 and any(t != -100 for t in targets) for ids, targets in examples)
+    batch = train.BaseBatches(source, source, 128).next(4)
+    assert batch.tokens.shape == (4, 1, 128)
+    assert (batch.task[0] == 0).all()  # a text window
+    packed = batch.tokens[1, 0][batch.mask[1, 0]].tolist()
+    assert packed.count(tok.bos_id) >= 1 and packed[0] == tok.bos_id  # whole examples, one after another
+    answers = batch.targets[1, 0][batch.task[1, 0] == 1].tolist()
+    eos_positions = [i for i, t in enumerate(packed) if t == tok.eos_id]
+    assert answers.count(tok.eos_id) == len(eos_positions)  # each example's answer ends with its EOS
+    assert torch.equal(batch.targets[1, 0, :len(packed) - 1], torch.tensor(packed[1:]))
+
+
 # -----------------------------------------------------------------------------
 # SPEC 6: loss on the answer only
 
@@ -132,6 +154,24 @@ def test_a_few_steps_lower_the_loss(world, tmp_path):
     assert {"loss_completion", "loss_reconstruction", "lr", "tokens_per_s", "svd_guard_fired"} <= set(log(tmp_path)[0])
     gen = AdapterGenerator.load(tmp_path / "checkpoint", random_model(tiny_args(vocab_size=4096)).args)
     assert gen.config.window == 16 and gen.config.k == 4
+
+
+def test_sft_stage_runs_from_a_pretrained_generator(world, tmp_path):
+    train.main(args(world, tmp_path / "pre", "--steps", "2", "--window", "32"))
+    records = [{"context": " ".join(WORDS[i:] + WORDS[:i]), "prompt": f"Which word comes {i}th?",
+                "answer": WORDS[i]} for i in range(8)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    train.main(["--stage", "sft", "--base", str(world / "base"), "--init", str(tmp_path / "pre" / "checkpoint"),
+                "--data", str(tmp_path / "sft.jsonl"), "--val_data", str(tmp_path / "sft.jsonl"),
+                "--out", str(tmp_path / "sft"), "--epochs", "2", "--batch_size", "4", "--micro_batch", "2",
+                "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1", "--device", "cpu"])
+    lines = log(tmp_path / "sft")
+    assert len(lines) == 4  # 2 epochs of 8 records in batches of 4
+    assert all(line["loss_completion"] > 0 and "loss_reconstruction" not in line for line in lines)
+    before = AdapterGenerator.load(tmp_path / "pre" / "checkpoint", random_model(tiny_args(vocab_size=4096)).args)
+    after = AdapterGenerator.load(tmp_path / "sft" / "checkpoint", before.args)
+    assert after.config == before.config
+    assert not torch.equal(after.mods["o_proj"].B, before.mods["o_proj"].B)
 
 
 def test_resume_is_bit_identical(world, tmp_path, monkeypatch):

@@ -1,0 +1,271 @@
+"""Measures speed and memory: the base model, a generator pretraining step, context ingestion
+against prompting, and decoding with each form of the adapter.
+
+    python bench.py --preset tiny --device cpu          # the tiny default, under a minute
+    python bench.py --preset 7b --device cuda --compile # a Mistral-7B-shaped model, random bf16 weights
+
+Every number is the median of repeats after warm-up, with device synchronisation; the spread
+(min..max) is kept beside it. Results are printed and written as JSON (--out) together with
+the device, torch version and command line.
+
+FLOPs are counted off the config (evaluate.forward_flops): 2 x the weights a token multiplies
+through, plus attention. MFU = achieved FLOP/s / the device's dense bf16 peak (PEAK_TFLOPS).
+A generator pretraining step on the frozen base is charged, per processed token, the base's
+forward (2N), its input-gradient backward (2N), the recomputation under gradient
+checkpointing (2N), and 6 x the generator's parameters.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evaluate import PeakMemory, forward_flops, kv_cache_floats
+from generator import AdapterGenerator, ContextState, GeneratorConfig, merged, svd_normalize
+from model import KVCache, ModelArgs, Transformer
+from train import TINY_BASE, TINY_PRESETS
+
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, by device name
+MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+                       vocab_size=32000, max_seq_len=32768, rope_theta=1e6, model_type="mistral")
+PRESETS = {
+    # base, generator, tokens per training window x windows, context lengths, decode prompt
+    "tiny": dict(base=TINY_BASE, generator=GeneratorConfig(**{k: TINY_PRESETS["pretrain"][k] for k in
+                 ("d_r", "r", "k", "alpha", "window")}), windows=4, micro_batch=4,
+                 contexts=[256, 512, 1024, 2048, 4096, 8192], prompt=128, new_tokens=32, repeats=3),
+    "7b": dict(base=MISTRAL_7B, generator=GeneratorConfig(), windows=8, micro_batch=1,
+               contexts=[1024, 2048, 4096, 8192, 16384, 32768], prompt=512, new_tokens=128, repeats=5),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int = 1) -> dict:
+    """Median and spread of fn's wall time in seconds, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def random_base(args: ModelArgs, device, dtype) -> Transformer:
+    """A model with random weights made directly on the device, in its dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+            for p in model.parameters():
+                torch.nn.init.normal_(p, 0.0, 0.02)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval().requires_grad_(False)
+
+
+def training_step_flops(args: ModelArgs, generator: AdapterGenerator, windows: int, w: int) -> int:
+    """Frozen-base accounting for `windows` windows of w tokens: forward, input-gradient backward
+    and recomputation of the base (3 forwards), and 6 x the generator's parameters per token."""
+    gen_params = sum(p.numel() for p in generator.parameters())
+    return windows * (3 * forward_flops(args, w) + 6 * gen_params * w)
+
+
+# -----------------------------------------------------------------------------
+# The four measurements
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
+    """The base alone: forward, and forward + backward into every weight (6N per token)."""
+    B, T = preset["micro_batch"] * preset["windows"], preset["generator"].window
+    tokens = torch.randint(0, model.args.vocab_size, (B, T), device=device)
+
+    def forward():
+        with torch.no_grad(), autocast(device):
+            model(tokens)
+
+    def forward_backward():
+        with autocast(device):
+            model(tokens).float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    out = {}
+    model.requires_grad_(True)
+    for name, fn, multiple in (("forward", forward, 1), ("forward_backward", forward_backward, 3)):
+        t = timed(fn, device, preset["repeats"])
+        flops = multiple * forward_flops(model.args, T) * B
+        out[name] = {**t, "tokens_per_s": B * T / t["median_s"],
+                     "mfu": flops / t["median_s"] / (peak * 1e12) if peak else None}
+    model.requires_grad_(False)
+    return out
+
+
+def bench_training(model: Transformer, generator: AdapterGenerator, device, preset: dict, peak) -> dict:
+    """One generator pretraining micro-step (SPEC 5 layout: T completion + T reconstruction
+    windows) on the frozen base: tokens/s, peak memory, MFU, and the share spent in SVDs."""
+    T, w, N = preset["windows"], generator.config.window, preset["micro_batch"]
+    W = 2 * T
+    tokens = torch.randint(0, model.args.vocab_size, (N, W, w), device=device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    visible = torch.zeros(W, W, dtype=torch.bool, device=device)
+    visible[:T, :T] = torch.ones(T, T, device=device).tril(-1).bool()
+    visible[T:, :T] = torch.ones(T, T, device=device).tril(0).bool()
+    model.checkpointing = device.type == "cuda"
+
+    def step():
+        with autocast(device):
+            logits, _ = generator(model, tokens, mask, visible)
+            logits.float().logsumexp(-1).mean().backward()
+        generator.zero_grad(set_to_none=True)
+
+    with PeakMemory(device) as memory:
+        t = timed(step, device, preset["repeats"])
+    S = torch.randn(len(generator.mods), N, W, generator.config.d_r, generator.config.r, device=device,
+                    requires_grad=True)
+
+    def svds():  # the step's SVDs: one batch per layer, forward and backward
+        for _ in range(model.args.n_layers):
+            P, Q, _ = svd_normalize(S, generator.config)
+            (P.sum() + Q.sum()).backward()
+
+    svd = timed(svds, device, preset["repeats"])
+    flops = training_step_flops(model.args, generator, N * W, w)
+    return {**t, "tokens_per_s": N * W * w / t["median_s"], "peak_mb": memory.peak_mb,
+            "mfu": flops / t["median_s"] / (peak * 1e12) if peak else None,
+            "svd_share": svd["median_s"] / t["median_s"]}
+
+
+def bench_ingestion(model: Transformer, generator: AdapterGenerator, device, preset: dict) -> list[dict]:
+    """Per context length: streaming the context into an adapter state (time, peak memory,
+    state bytes) against prompting's prefill (time, peak memory, KV-cache bytes)."""
+    rows = []
+    dtype = model.lm_head.weight.dtype
+    for n in preset["contexts"]:
+        ids = torch.randint(3, model.args.vocab_size, (n,)).tolist()
+        with PeakMemory(device) as adapter_memory, torch.no_grad(), autocast(device):
+            adapter = timed(lambda: generator.contextualize(model, ids), device, 1, warmup=0)
+        state = generator.empty_state()
+        state_bytes = sum(s.numel() * s.element_size() for s in state.S.values())
+
+        def prefill():
+            cache = KVCache(model.args, 1, n, device, dtype)
+            with torch.no_grad(), autocast(device):
+                model(torch.tensor([ids], device=device), cache=cache)
+
+        with PeakMemory(device) as prompt_memory:
+            prompt = timed(prefill, device, 1, warmup=0)
+        kv_bytes = kv_cache_floats(model.args, n) * torch.finfo(dtype).bits // 8
+        rows.append({"context_tokens": n, "adapter_s": adapter["median_s"], "adapter_peak_mb": adapter_memory.peak_mb,
+                     "adapter_state_bytes": state_bytes, "prompt_prefill_s": prompt["median_s"],
+                     "prompt_peak_mb": prompt_memory.peak_mb, "kv_cache_bytes": kv_bytes})
+    return rows
+
+
+def decode_step(model: Transformer, adapter):
+    def step(token, cache):
+        return model(token, cache=cache, adapter=adapter)[:, -1].argmax(-1, keepdim=True)
+    return step
+
+
+def bench_decoding(model: Transformer, generator: AdapterGenerator, state: ContextState, device,
+                   preset: dict, compile_step: bool) -> list[dict]:
+    """Greedy decoding tokens/s and achieved GB/s (weights + KV cache read per step) for the
+    base, the merged adapter, LoRA factors and the on-the-fly adapter; batch 1 and 8."""
+    P, new = preset["prompt"], preset["new_tokens"]
+    dtype = model.lm_head.weight.dtype
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    forms = {"base": None, "merged": None, "lora": generator.lora(state), "on_the_fly": generator.on_the_fly(state)}
+    rows = []
+    for batch in (1, 8):
+        prompt = torch.randint(3, model.args.vocab_size, (batch, P), device=device)
+        for form, adapter in forms.items():
+            step = decode_step(model, adapter)
+            if compile_step:
+                step = torch.compile(step, mode="reduce-overhead")
+
+            def run():
+                cache = KVCache(model.args, batch, P + new, device, dtype, static=compile_step)
+                with torch.no_grad(), autocast(device):
+                    token = model(prompt, cache=cache, adapter=adapter)[:, -1].argmax(-1, keepdim=True)
+                    for _ in range(new):
+                        token = step(token, cache)
+
+            with merged(model, forms["lora"]) if form == "merged" else torch.no_grad():
+                prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, P + new, device, dtype)),
+                                device, preset["repeats"])
+                t = timed(run, device, preset["repeats"])
+            decode_s = max(1e-9, t["median_s"] - prefill["median_s"])
+            kv_read = kv_cache_floats(model.args, batch * (P + new // 2)) * torch.finfo(dtype).bits // 8
+            rows.append({"form": form, "batch": batch, "tokens_per_s": batch * new / decode_s,
+                         "gb_per_s": new * (weight_bytes + kv_read) / decode_s / 1e9, **t})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="tiny: the embedded default's shapes; 7b: Mistral-7B with the released generator")
+    p.add_argument("--compile", action="store_true", help="torch.compile (reduce-overhead) the decode step")
+    p.add_argument("--out", default=None, help="JSON file (default: runs/bench/<preset>-<device>.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[args.preset]
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_base(preset["base"], device, dtype)
+    generator = AdapterGenerator(model.args, preset["generator"]).to(device)
+    with torch.no_grad():
+        for g in generator.mods.values():
+            g.B.normal_(0.0, 0.02)
+    peak = peak_tflops(device)
+    results = {"command": " ".join(["python bench.py", *(argv if argv is not None else sys.argv[1:])]),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "preset": args.preset, "peak_tflops": peak}
+    print(f"{results['device']}, torch {results['torch']}, preset {args.preset}")
+    results["base"] = bench_base(model, device, preset, peak)
+    print("base:", json.dumps(results["base"]))
+    results["training_step"] = bench_training(model, generator, device, preset, peak)
+    print("generator pretraining step:", json.dumps(results["training_step"]))
+    results["ingestion"] = bench_ingestion(model, generator, device, preset)
+    for row in results["ingestion"]:
+        print("ingestion:", json.dumps(row))
+    with torch.no_grad():
+        state = generator.contextualize(model, torch.randint(3, model.args.vocab_size, (preset["contexts"][0],)).tolist())
+    results["decoding"] = bench_decoding(model, generator, state, device, preset, args.compile)
+    for row in results["decoding"]:
+        print("decoding:", json.dumps(row))
+    out = Path(args.out or f"runs/bench/{args.preset}-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,570 @@
+"""Evaluates GenerativeAdapter against the paper's baselines on StreamingQA, MetaICL and MSC.
+
+    python evaluate.py --task streamingqa            # bundled world + tiny base + tiny generator
+    python evaluate.py --task metaicl --methods closed_book,prompt,adapter
+    python evaluate.py --task msc --base /models/Mistral-7B-Instruct-v0.2 \\
+        --generator runs/mistral-sft/checkpoint --data /data/msc_self_instruct.jsonl --device cuda
+
+Every method runs on the same frozen base (SPEC 7):
+  closed_book  the query alone;
+  prompt       the context, then the query, in the prompt (cut from the left to the window);
+  rag          the best 100-word chunk of the context by Okapi BM25, then the query;
+  finetune     test-time LoRA fine-tuning of the base on the context (the paper's SFT /
+               continual-pretraining baseline; few-shot fine-tuning for MetaICL);
+  adapter      GenerativeAdapter: the context streams through the base once (SPEC 3), the
+               generated adapter is merged into the weights, the query goes in alone.
+
+Writes, under --out: predictions_{method}.jsonl, results.json and results.md (the tables
+printed at the end). Reruns give the same predictions and metrics (fixed seeds, greedy).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.readers import read_metaicl, read_metaicl_config, read_msc, read_streamingqa
+from generator import AdapterGenerator, LoRA, merged, module_widths, split_windows
+from model import ModelArgs, Tokenizer, Transformer, generate, load
+from train import chat_example, context_ids, user_turn
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ("closed_book", "prompt", "rag", "finetune", "adapter")
+DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
+                "msc": "data/world/msc_self_instruct_test.jsonl"}
+MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20}
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or common == 0:
+        return float(pred == ref)
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def rouge_l_recall(prediction: str, gold: str) -> float:
+    """Longest common subsequence of normalised words, over the gold's length."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not ref:
+        return 0.0
+    lcs = [0] * (len(pred) + 1)
+    for r in ref:  # one row of the LCS table at a time
+        previous = 0
+        for j, p in enumerate(pred, 1):
+            previous, lcs[j] = lcs[j], previous + 1 if r == p else max(lcs[j], lcs[j - 1])
+    return lcs[-1] / len(ref)
+
+
+def qa_scores(prediction: str, golds: list[str]) -> dict:
+    """F1, EM and ROUGE-L recall, best over all golds, and F1 / EM against the shortest gold
+    (the released StreamingQA evaluation's single reference)."""
+    shortest = min(golds, key=len)
+    return {"f1": max(token_f1(prediction, g) for g in golds),
+            "em": max(exact_match(prediction, g) for g in golds),
+            "rouge_l": max(rouge_l_recall(prediction, g) for g in golds),
+            "f1_shortest": token_f1(prediction, shortest), "em_shortest": exact_match(prediction, shortest)}
+
+
+def macro_f1(predictions: list[str], golds: list[str], options: list[str]) -> float:
+    """Classification macro-F1 over the label set, as MetaICL reports it."""
+    scores = []
+    for label in options:
+        tp = sum(p == label and g == label for p, g in zip(predictions, golds))
+        fp = sum(p == label and g != label for p, g in zip(predictions, golds))
+        fn = sum(p != label and g == label for p, g in zip(predictions, golds))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
+# -----------------------------------------------------------------------------
+# Retrieval: Okapi BM25 over 100-word chunks
+
+
+def chunk_words(text: str, size: int = 100) -> list[str]:
+    words = text.split()
+    return [" ".join(words[i:i + size]) for i in range(0, len(words), size)] or [""]
+
+
+def bm25_scores(query: str, chunks: list[str], k1: float = 1.5, b: float = 0.75) -> list[float]:
+    """Okapi BM25 of each chunk for the query (idf = ln((N - n + 0.5) / (n + 0.5) + 1))."""
+    docs = [normalize_answer(c).split() for c in chunks]
+    avg_len = sum(map(len, docs)) / len(docs) or 1.0
+    counts = [Counter(d) for d in docs]
+    scores = [0.0] * len(docs)
+    for term in set(normalize_answer(query).split()):
+        n = sum(term in c for c in counts)
+        idf = math.log((len(docs) - n + 0.5) / (n + 0.5) + 1.0)
+        for i, c in enumerate(counts):
+            tf = c[term]
+            scores[i] += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(docs[i]) / avg_len))
+    return scores
+
+
+def best_chunk(query: str, context: str) -> str:
+    chunks = chunk_words(context)
+    scores = bm25_scores(query, chunks)
+    return chunks[max(range(len(chunks)), key=scores.__getitem__)]  # first best on ties
+
+
+# -----------------------------------------------------------------------------
+# Costs: analytic FLOPs, storage, peak memory
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """Weights a token multiplies through: every linear layer and the output head."""
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    return args.n_layers * (attn + 3 * args.dim * args.hidden_dim) + args.vocab_size * args.dim
+
+
+def forward_flops(args: ModelArgs, new: int, past: int = 0) -> int:
+    """FLOPs of running `new` tokens after `past` cached ones:
+    2 * matmul_params per token, plus attention: q.k and att.v, 2 * 2 * n_heads * head_dim
+    multiply-adds against each visible key (token t sees past + t + 1 keys)."""
+    keys = new * past + new * (new + 1) // 2
+    return 2 * matmul_params(args) * new + 4 * args.n_layers * args.n_heads * args.head_dim * keys
+
+
+def generation_flops(args: ModelArgs, prompt: int, generated: int) -> int:
+    """Prefill of the prompt, then one token at a time against the cache."""
+    return forward_flops(args, prompt) + sum(forward_flops(args, 1, prompt + t) for t in range(generated))
+
+
+def ingestion_flops(args: ModelArgs, generator: AdapterGenerator, windows: list[int]) -> int:
+    """GenerativeAdapter's one pass over a context (SPEC 3), per window of T tokens: the base
+    forward, then per layer and module K = A2 h, V = A3 h (2 d (d_r + r) per token), K^T V
+    (2 d_r r per token), the randomised SVD ((2 niter + 2) matmuls of 2 d_r r k, plus the
+    (k x r) SVD, ~4 k^2 r) and the LoRA factors (2 k d_r d_in + 2 d_out r k)."""
+    c, widths = generator.config, module_widths(args)
+    per_token = 2 * args.dim * (c.d_r + c.r) + 2 * c.d_r * c.r
+    svd = (2 * c.svd_niter + 2) * 2 * c.d_r * c.r * c.k + 4 * c.k * c.k * c.r
+    lora = sum(2 * c.k * c.d_r * widths[m][0] + 2 * widths[m][1] * c.r * c.k for m in c.target_modules)
+    per_window = args.n_layers * (len(c.target_modules) * svd + lora)
+    return sum(forward_flops(args, T) + args.n_layers * len(c.target_modules) * per_token * T + per_window
+               for T in windows)
+
+
+def kv_cache_floats(args: ModelArgs, tokens: int) -> int:
+    """What prompting keeps per user: keys and values of every context token at every layer."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * tokens
+
+
+def lora_floats(lora: LoRA) -> int:
+    """What GenerativeAdapter keeps per user: the rank-k factors."""
+    return sum(a.numel() + b.numel() for a, b in zip(lora.A.values(), lora.B.values()))
+
+
+class PeakMemory:
+    """Peak memory inside the block: CUDA's allocator on a GPU; on Linux CPUs the process's
+    peak resident set (VmHWM), reset on entry through /proc/self/clear_refs."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif os.path.exists("/proc/self/status"):
+            status = open("/proc/self/status").read()
+            self.peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Tasks: units of (context, queries), each answered by every method
+
+
+@dataclass
+class Unit:
+    """One context and the queries asked about it."""
+    context: str
+    queries: list[str]
+    golds: list[list[str]]
+    key: dict  # where the unit belongs in the tables, e.g. {"context_length": 512}
+    demos: list[tuple[str, str]] = field(default_factory=list)  # MetaICL: (input, output)
+    options: list[str] = field(default_factory=list)  # MetaICL classification labels
+
+
+def group_documents(documents: list[str], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive documents in groups of about `budget` tokens: a group takes documents while
+    it stays within the budget (a longer document is a group of its own)."""
+    groups, size = [], 0
+    for i, n in enumerate(lengths):
+        if not groups or size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], limit: int) -> list[Unit]:
+    """The unique documents in order, joined by blank lines, grouped by token budget; every
+    question of a group's documents asked of that group. `limit` caps questions per budget."""
+    records = read_streamingqa(path)
+    documents = list(dict.fromkeys(r.document for r in records))
+    lengths = [len(tokenizer.encode("\n\n" + d, bos=False)) for d in documents]
+    units = []
+    for budget in context_lengths:
+        asked = 0
+        for group in group_documents(documents, lengths, budget):
+            docs = {documents[i] for i in group}
+            qa = [r for r in records if r.document in docs][:max(0, limit - asked)]
+            if qa:
+                units.append(Unit("\n\n".join(documents[i] for i in group), [r.question for r in qa],
+                                  [r.answers for r in qa], {"context_length": budget}))
+            asked += len(qa)
+    return units
+
+
+def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], limit: int) -> list[Unit]:
+    """Every test task of the split config, seed and K: K demonstrations sampled from the seed's
+    k = 16 train file, `Input: x\\nOutput: y` joined by blank lines; `limit` test queries."""
+    units = []
+    for task in read_metaicl_config(config_path)["test"]:
+        for seed in seeds:
+            train = read_metaicl(data_dir, task, 16, seed, "train")
+            test = read_metaicl(data_dir, task, 16, seed, "test")[:limit]
+            for k in shots:
+                if k > len(train):
+                    raise ValueError(f"--shots {k}: {task}_16_{seed}_train.jsonl has only {len(train)} demonstrations")
+                demos = random.Random(seed * 1000 + k).sample(train, k)
+                context = "\n\n".join(f"Input: {d.input}\nOutput: {d.output}" for d in demos)
+                units.append(Unit(context, [f"Input: {e.input}\nOutput:" for e in test],
+                                  [[e.output] for e in test], {"task": task, "seed": seed, "shots": k},
+                                  [(d.input, d.output) for d in demos], test[0].options))
+    return units
+
+
+def msc_units(path, limit: int) -> list[Unit]:
+    """One unit per user: the earlier sessions as `Speaker i: text` lines, then the question."""
+    units = []
+    for record in read_msc(path)[:limit]:
+        sessions = ["\n".join(f"{speaker}: {text}" for speaker, text in dialog) for dialog in record.previous_dialogs]
+        units.append(Unit("\n\n".join(sessions), [record.question], [[record.answer]], {}))
+    return units
+
+
+# -----------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class Settings:
+    max_new_tokens: int
+    batch_size: int
+    ft_epochs: int
+    ft_lr: float
+    ft_rank: int
+    seed: int
+
+
+def query_prompt(tokenizer: Tokenizer, query: str, context: str | None = None) -> list[int]:
+    return tokenizer.encode_chat([{"role": "user", "content": user_turn(query, context)}])
+
+
+def fitted_prompt(tokenizer: Tokenizer, query: str, context: str, budget: int) -> list[int]:
+    """The prompt with the context cut from the left (whole tokens) until it fits `budget`."""
+    context_tokens = tokenizer.encode(context, bos=False)
+    keep = len(context_tokens)
+    while True:
+        prompt = query_prompt(tokenizer, query, tokenizer.decode(context_tokens[len(context_tokens) - keep:]))
+        if len(prompt) <= budget or keep == 0:
+            return prompt
+        keep = max(0, keep - (len(prompt) - budget))
+
+
+def answer(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], settings: Settings,
+           adapter=None) -> tuple[list[str], int, int]:
+    """Greedy answers cut at the first newline; also tokens processed and FLOPs."""
+    texts, tokens, flops = [], 0, 0
+    for i in range(0, len(prompts), settings.batch_size):
+        batch = prompts[i:i + settings.batch_size]
+        for prompt, out in zip(batch, generate(model, batch, settings.max_new_tokens, stop=("\n",),
+                                               tokenizer=tokenizer, adapter=adapter, truncate=True)):
+            texts.append(tokenizer.decode(out).split("\n")[0].strip())
+            tokens += len(prompt) + len(out)
+            flops += generation_flops(model.args, len(prompt), len(out))
+    return texts, tokens, flops
+
+
+def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings: Settings) -> tuple[LoRA, int]:
+    """Test-time fine-tuning: a rank-r LoRA on every linear module of every layer, trained with
+    AdamW for a few epochs. On documents: next-token loss on the context in windows of the
+    model's length (continual pretraining); on MetaICL: the K demonstrations as chat turns,
+    loss on the outputs. Returns the LoRA and the FLOPs spent (3x forward per token)."""
+    args, r = model.args, settings.ft_rank
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = model.lm_head.weight.device
+    A, B = {}, {}
+    for m, (d_in, d_out) in module_widths(args).items():
+        A[m] = (torch.randn(1, args.n_layers, r, d_in, generator=generator) / math.sqrt(d_in)).to(device).requires_grad_()
+        B[m] = torch.zeros(1, args.n_layers, d_out, r, device=device, requires_grad=True)
+    lora = LoRA(A, B)
+    if unit.demos:
+        examples = [chat_example(tokenizer, query, output) for query, output in
+                    ((f"Input: {x}\nOutput:", y) for x, y in unit.demos)]
+    else:
+        ids = tokenizer.encode(unit.context)
+        L = args.max_seq_len
+        examples = [(ids[i:i + L], ids[i + 1:i + L] + [-100]) for i in range(0, len(ids), L)]
+    optimizer = torch.optim.AdamW([*A.values(), *B.values()], lr=settings.ft_lr, weight_decay=0.0)
+    flops = 0
+    with torch.enable_grad():
+        for _ in range(settings.ft_epochs):
+            for ids, targets in examples:
+                logits = model(torch.tensor([ids], device=device), adapter=lora)
+                loss = F.cross_entropy(logits[0].float(), torch.tensor(targets, device=device), ignore_index=-100)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                flops += 3 * forward_flops(args, len(ids))
+    return LoRA({m: a.detach() for m, a in A.items()}, {m: b.detach() for m, b in B.items()}), flops
+
+
+def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer,
+               generator: AdapterGenerator | None, settings: Settings) -> dict:
+    """Answers a unit's queries with one method -> predictions, tokens, FLOPs, storage."""
+    args, extra_tokens, extra_flops, storage = model.args, 0, 0, None
+    if method == "closed_book":
+        texts, tokens, flops = answer(model, tokenizer, [query_prompt(tokenizer, q) for q in unit.queries], settings)
+    elif method in ("prompt", "rag"):
+        budget = args.max_seq_len - settings.max_new_tokens
+        contexts = [unit.context if method == "prompt" else best_chunk(q, unit.context) for q in unit.queries]
+        prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
+        texts, tokens, flops = answer(model, tokenizer, prompts, settings)
+        if method == "prompt":
+            storage = kv_cache_floats(args, len(context_ids(tokenizer, unit.context)))
+    elif method == "finetune":
+        lora, extra_flops = finetune_lora(model, tokenizer, unit, settings)
+        texts, tokens, flops = answer(model, tokenizer, [query_prompt(tokenizer, q) for q in unit.queries],
+                                      settings, adapter=lora)
+        storage = lora_floats(lora)
+    else:  # adapter: SPEC 7
+        ids = context_ids(tokenizer, unit.context)
+        state = generator.contextualize(model, ids)
+        lora = generator.lora(state)
+        extra_tokens = len(ids)
+        windows = [len(w) for w in split_windows(ids, generator.config.window)]
+        extra_flops = ingestion_flops(args, generator, windows)
+        with merged(model, lora):
+            texts, tokens, flops = answer(model, tokenizer, [query_prompt(tokenizer, q) for q in unit.queries], settings)
+        storage = lora_floats(lora)
+    return {"predictions": texts, "tokens": tokens + extra_tokens, "flops": flops + extra_flops,
+            "query_flops": flops / len(unit.queries), "storage_floats": storage}
+
+
+# -----------------------------------------------------------------------------
+# Scoring and tables
+
+
+def score_unit(unit: Unit, predictions: list[str]) -> list[dict]:
+    """Per-query scores: QA metrics, or MetaICL's case-insensitive exact match."""
+    if unit.demos:
+        return [{"accuracy": float(p.strip().lower() == g[0].strip().lower())} for p, g in zip(predictions, unit.golds)]
+    return [qa_scores(p, g) for p, g in zip(predictions, unit.golds)]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(task: str, method: str, units: list[Unit], outputs: list[dict], wall: float, peak) -> list[dict]:
+    """Result rows of one method over units sharing a table column."""
+    scores = [s for o in outputs for s in o["scores"]]
+    costs = {"examples": len(scores), "tokens": sum(o["tokens"] for o in outputs),
+             "flops": sum(o["flops"] for o in outputs),
+             "query_flops": mean(o["query_flops"] for o in outputs),
+             "storage_floats": mean(o["storage_floats"] for o in outputs) if outputs[0]["storage_floats"] is not None else None,
+             "wall_s": wall, "peak_mb": peak}
+    if task != "metaicl":
+        return [{"method": method, **units[0].key, **{k: mean(s[k] for s in scores) for k in scores[0]}, **costs}]
+    rows = []  # per task: accuracy (and macro-F1) averaged over seeds
+    for name in dict.fromkeys(u.key["task"] for u in units):
+        mine = [(u, o) for u, o in zip(units, outputs) if u.key["task"] == name]
+        row = {"method": method, "task": name, "shots": units[0].key["shots"],
+               "accuracy": mean(mean(s["accuracy"] for s in o["scores"]) for _, o in mine),
+               "classification": bool(mine[0][0].options)}
+        if mine[0][0].options:
+            row["macro_f1"] = mean(macro_f1([p.strip() for p in o["predictions"]], [g[0] for g in u.golds], u.options)
+                                   for u, o in mine)
+        rows.append(row)
+    summary = {"method": method, "task": "all", "shots": units[0].key["shots"],
+               "accuracy": mean(r["accuracy"] for r in rows),
+               "classification_accuracy": mean(r["accuracy"] for r in rows if r["classification"]),
+               "non_classification_accuracy": mean(r["accuracy"] for r in rows if not r["classification"]),
+               **costs}
+    return rows + [summary]
+
+
+def markdown_tables(task: str, rows: list[dict]) -> str:
+    """The printed tables: a metric by method and column, then the costs."""
+    def table(metric, column, title, fmt="{:.1f}", scale=100.0, select=lambda r: True):
+        picked = [r for r in rows if select(r) and r.get(metric) is not None and not math.isnan(r[metric])]
+        columns = list(dict.fromkeys(r.get(column, "") for r in picked))
+        methods = list(dict.fromkeys(r["method"] for r in picked))
+        lines = [f"**{title}**", "", "| method | " + " | ".join(str(c) for c in columns) + " |",
+                 "|---|" + "---|" * len(columns)]
+        for m in methods:
+            cells = {r.get(column, ""): r[metric] for r in picked if r["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(fmt.format(cells[c] * scale) if c in cells else "" for c in columns) + " |")
+        return "\n".join(lines) + "\n"
+
+    if task == "streamingqa":
+        parts = [table(m, "context_length", f"{name} by context length (tokens)")
+                 for m, name in (("f1", "F1"), ("em", "EM"), ("rouge_l", "ROUGE-L recall"),
+                                 ("f1_shortest", "F1 vs shortest answer"))]
+        column = "context_length"
+    elif task == "metaicl":
+        summary = lambda r: r["task"] == "all"
+        parts = [table("accuracy", "shots", "accuracy (all test tasks) by K", select=summary),
+                 table("classification_accuracy", "shots", "classification tasks", select=summary),
+                 table("non_classification_accuracy", "shots", "non-classification tasks", select=summary)]
+        column = "shots"
+    else:
+        parts = [table("f1", "task", "F1"), table("em", "task", "EM")]
+        column = "task"
+    costs = [r for r in rows if "wall_s" in r]
+    lines = ["**costs**", "", f"| method | {column} | tokens | TFLOPs | GFLOPs per query | storage per "
+             "context (floats) | wall s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in costs:
+        storage = f"{r['storage_floats']:.3g}" if r["storage_floats"] is not None else "-"
+        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+        lines.append(f"| {r['method']} | {r.get(column, '')} | {r['tokens']} | {r['flops'] / 1e12:.4f} | "
+                     f"{r['query_flops'] / 1e9:.3f} | {storage} | {r['wall_s']:.1f} | {peak} |")
+    return "\n".join(parts) + "\n" + "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc"], help="the benchmark")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods (default: all of {','.join(METHODS)})")
+    p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
+    p.add_argument("--generator", default=None,
+                   help="generator directory, generator.json + generator.safetensors (default: data/tiny/generator)")
+    p.add_argument("--data", default=None, help="dataset: the StreamingQA CSV, the MetaICL data directory "
+                   f"or the MSC jsonl (default: {DEFAULT_DATA})")
+    p.add_argument("--config", default=None,
+                   help="MetaICL split config, {'train': [...], 'test': [...]} (default: <data>/config/world_to_world.json)")
+    p.add_argument("--context_lengths", type=int, nargs="+", default=None,
+                   help="StreamingQA context sizes in tokens (default: 512 ... 32768; tiny base: 128 ... 2048)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="MetaICL K (default: 1 2 4 8 16)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[100, 13, 21, 42, 87],
+                   help="MetaICL seeds of the train files (default: 100 13 21 42 87)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions per context length "
+                   "(StreamingQA), test inputs per task (MetaICL) or users (MSC) (default: 150, 20, 100)")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="answer length (default: 20; MetaICL 10)")
+    p.add_argument("--batch_size", type=int, default=16, help="queries generated together (default: 16)")
+    p.add_argument("--ft_epochs", type=int, default=5, help="finetune: epochs over the context (default: 5)")
+    p.add_argument("--ft_lr", type=float, default=1e-3, help="finetune: AdamW learning rate (default: 1e-3)")
+    p.add_argument("--ft_rank", type=int, default=8, help="finetune: LoRA rank on every linear module (default: 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/eval/<task>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning baseline (default: 0)")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    args.methods = methods
+    tiny = args.base is None
+    args.base = args.base or str(ROOT / "data" / "tiny")
+    args.generator = args.generator or str(ROOT / "data" / "tiny" / "generator")
+    args.data = args.data or str(ROOT / DEFAULT_DATA[args.task])
+    args.config = args.config or str(Path(args.data) / "config" / "world_to_world.json")
+    args.context_lengths = args.context_lengths or ([128, 256, 512, 1024, 2048] if tiny else
+                                                    [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    args.limit = args.limit or {"streamingqa": 150, "metaicl": 20, "msc": 100}[args.task]
+    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[args.task]
+    args.out = Path(args.out or f"runs/eval/{args.task}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_grad_enabled(False)
+    model, tokenizer = load(args.base, device)
+    generator = AdapterGenerator.load(args.generator, model.args, device) if "adapter" in args.methods else None
+    if args.task == "streamingqa":
+        units = streamingqa_units(args.data, tokenizer, args.context_lengths, args.limit)
+        column = "context_length"
+    elif args.task == "metaicl":
+        units = metaicl_units(args.data, args.config, args.shots, args.seeds, args.limit)
+        column = "shots"
+    else:
+        units = msc_units(args.data, args.limit)
+        column = None
+    settings = Settings(args.max_new_tokens, args.batch_size, args.ft_epochs, args.ft_lr, args.ft_rank, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in args.methods:
+        with open(args.out / f"predictions_{method}.jsonl", "w") as predictions:
+            for value in dict.fromkeys(u.key.get(column) for u in units):
+                group = [u for u in units if u.key.get(column) == value]
+                started = time.time()
+                outputs = []
+                with PeakMemory(device) as peak:
+                    for unit in tqdm(group, desc=f"{method}" + (f" {column}={value}" if column else ""),
+                                     unit="context", leave=False):
+                        result = run_method(method, unit, model, tokenizer, generator, settings)
+                        result["scores"] = score_unit(unit, result["predictions"])
+                        outputs.append(result)
+                        for q, p, g, s in zip(unit.queries, result["predictions"], unit.golds, result["scores"]):
+                            predictions.write(json.dumps({**unit.key, "query": q, "prediction": p,
+                                                          "golds": g, **s}) + "\n")
+                rows += summarize(args.task, method, group, outputs, time.time() - started, peak.peak_mb)
+    results = {"task": args.task, "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
+               "base": args.base, "generator": args.generator if generator else None, "data": args.data,
+               "device": str(device), "torch": torch.__version__, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    tables = markdown_tables(args.task, rows)
+    (args.out / "results.md").write_text(f"`{results['command']}`\n\n{tables}")
+    print(tables)
+    print(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}; predictions: {args.out}/predictions_*.jsonl")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""bench.py: the harness runs and writes valid JSON; its FLOP accounting matches a hand count."""
+
+import json
+
+import bench
+from conftest import tiny_args
+from generator import AdapterGenerator, GeneratorConfig
+
+
+def test_training_step_flops_by_hand():
+    args = tiny_args()  # 81920 weights per token, see tests/test_evaluate.py
+    gen = AdapterGenerator(args, GeneratorConfig(d_r=16, r=12, k=4, window=8))
+    # o_proj, 2 layers: norm 64 + A1 16*64 + A2 16*64 + A3 12*64 + B 64*12 = 3648 per layer
+    assert sum(p.numel() for p in gen.parameters()) == 2 * 3648
+    # one window of 8 tokens: 3 base forwards (2*81920*8 + attention 4*2*4*16*36 keys = 1329152)
+    # and 6 * 7296 generator parameters per token
+    assert bench.training_step_flops(args, gen, 1, 8) == 3 * 1329152 + 6 * 7296 * 8
+
+
+def test_tiny_preset_on_cpu_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["torch"] and "--preset tiny" in results["command"]
+    assert results["base"]["forward"]["tokens_per_s"] > 0 and results["base"]["forward"]["mfu"] is None
+    assert 0 < results["training_step"]["svd_share"] < 1
+    states = {row["adapter_state_bytes"] for row in results["ingestion"]}
+    assert len(states) == 1  # the adapter state does not grow with the context
+    kv = [row["kv_cache_bytes"] for row in results["ingestion"]]
+    assert kv == sorted(kv) and kv[-1] == 32 * kv[0]
+    forms = {(row["form"], row["batch"]) for row in results["decoding"]}
+    assert forms == {(f, b) for f in ("base", "merged", "lora", "on_the_fly") for b in (1, 8)}

@@ -1,0 +1,187 @@
+"""evaluate.py: metrics, BM25, grouping, FLOP formulas, every task x method end to end."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from conftest import random_model, tiny_args
+from generator import AdapterGenerator, GeneratorConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = ROOT / "data" / "world"
+
+
+# -----------------------------------------------------------------------------
+# Metrics on hand-computed examples
+
+
+def test_squad_normalisation_f1_em():
+    assert evaluate.normalize_answer("The  Cat, sat!") == "cat sat"
+    assert evaluate.exact_match("Tesk.", "tesk") == 1.0
+    assert evaluate.exact_match("in Tesk", "Tesk") == 0.0
+    # prediction [cat, sat], gold [cat, sat, down]: P = 1, R = 2/3, F1 = 0.8
+    assert evaluate.token_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)
+    assert evaluate.token_f1("dog", "cat") == 0.0
+    scores = evaluate.qa_scores("Ostrum", ["Ostrum Mills", "Ostrum"])
+    assert scores["em"] == 1.0 and scores["f1"] == 1.0  # best over all golds
+    assert scores["em_shortest"] == 1.0
+    scores = evaluate.qa_scores("Ostrum Mills", ["Ostrum Mills", "Ostrum"])
+    assert scores["em"] == 1.0 and scores["em_shortest"] == 0.0
+    assert scores["f1_shortest"] == pytest.approx(2 / 3)  # P = 1/2, R = 1
+
+
+def test_rouge_l_recall():
+    assert evaluate.rouge_l_recall("ostrum mills bakery", "the ostrum bakery") == 1.0  # LCS 2 of 2
+    assert evaluate.rouge_l_recall("bakery ostrum", "ostrum bakery") == 0.5  # LCS 1 of 2
+    assert evaluate.rouge_l_recall("x y z", "a b c d") == 0.0
+
+
+def test_macro_f1():
+    # label a: tp 1, fp 1, fn 0 -> 2/3; label b: tp 2, fp 0, fn 1 -> 4/5
+    assert evaluate.macro_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"]) == pytest.approx(11 / 15)
+
+
+def test_bm25_by_hand():
+    chunks = ["tesk baker", "mills potter potter", "tesk tesk"]
+    # N = 3, n(tesk) = 2: idf = ln(1.5 / 2.5 + 1) = 0.470004; average length 7/3
+    # chunk 0: tf 1 -> 0.470004 * 2.5 / (1 + 1.5 (0.25 + 0.75 * 2 / (7/3))) = 0.502294
+    # chunk 2: tf 2 -> 0.470004 * 5 / (2 + 1.339286) = 0.703749
+    scores = evaluate.bm25_scores("Tesk?", chunks)
+    assert scores == pytest.approx([0.502294, 0.0, 0.703749], abs=1e-6)
+    assert evaluate.best_chunk("tesk", " ".join(["word"] * 100 + ["tesk"] * 3)) == "tesk tesk tesk"
+    assert [len(c.split()) for c in evaluate.chunk_words(" ".join(["w"] * 250))] == [100, 100, 50]
+
+
+def test_document_grouping_by_token_budget():
+    assert evaluate.group_documents(["a"] * 5, [3, 4, 2, 6, 1], 7) == [[0, 1], [2], [3, 4]]
+    assert evaluate.group_documents(["a"] * 3, [9, 1, 1], 5) == [[0], [1, 2]]
+
+
+def test_flop_formulas_by_hand():
+    args = tiny_args()  # dim 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, hidden 96, vocab 320
+    # per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12288; MLP 3*64*96 = 18432
+    # 2 layers: 61440; output head 320*64 = 20480; in all 81920 weights per token
+    assert evaluate.matmul_params(args) == 81920
+    # 3 new tokens after 2 cached: 2*81920*3 = 491520; they see 3 + 4 + 5 = 12 keys:
+    # 4 * 2 layers * 4 heads * 16 * 12 = 6144
+    assert evaluate.forward_flops(args, 3, 2) == 497664
+    assert evaluate.generation_flops(args, 2, 1) == evaluate.forward_flops(args, 2) + evaluate.forward_flops(args, 1, 2)
+    # KV cache: 2 (k, v) * 2 layers * 2 kv heads * 16 * 10 tokens
+    assert evaluate.kv_cache_floats(args, 10) == 1280
+    gen = AdapterGenerator(args, GeneratorConfig(d_r=16, r=12, k=4, window=8, svd_niter=1))
+    # per token per layer: 2*64*(16+12) + 2*16*12 = 3968; per window per layer:
+    # SVD 4*2*16*12*4 + 4*4*4*12 = 6912, LoRA factors 2*4*16*64 + 2*64*12*4 = 14336
+    expected = evaluate.forward_flops(args, 8) + 2 * 3968 * 8 + 2 * (6912 + 14336)
+    assert evaluate.ingestion_flops(args, gen, [8]) == expected
+
+
+# -----------------------------------------------------------------------------
+# End to end on tiny data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random base with the bundled tokenizer, a random generator, and small data files."""
+    root = tmp_path_factory.mktemp("eval")
+    args = tiny_args(vocab_size=4096, max_seq_len=128)
+    base = random_model(args)
+    base.save_pretrained(root / "base")
+    shutil.copy(ROOT / "data" / "tiny" / "tokenizer.model", root / "base")
+    torch.manual_seed(0)
+    gen = AdapterGenerator(args, GeneratorConfig(d_r=16, r=16, k=4, alpha=4, window=32, svd="exact"))
+    with torch.no_grad():
+        gen.mods["o_proj"].B.normal_(0, 0.2)
+    gen.save(root / "gen")
+    with open(WORLD / "streamingqa_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:8]
+    with open(root / "sqa.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "question", "answers"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = json.loads((WORLD / "metaicl" / "config" / "world_to_world.json").read_text())
+    (root / "icl.json").write_text(json.dumps({"train": config["train"], "test": config["test"][:2]}))
+    return root
+
+
+def run(tiny: Path, task: str, out: str, *extra) -> dict:
+    data = {"streamingqa": tiny / "sqa.csv", "metaicl": WORLD / "metaicl",
+            "msc": WORLD / "msc_self_instruct_test.jsonl"}[task]
+    argv = ["--task", task, "--base", str(tiny / "base"), "--generator", str(tiny / "gen"),
+            "--data", str(data), "--out", str(tiny / out), "--device", "cpu", "--max_new_tokens", "4",
+            "--ft_epochs", "1"]
+    if task == "metaicl":
+        argv += ["--config", str(tiny / "icl.json"), "--shots", "1", "2", "--seeds", "100", "13", "--limit", "2"]
+    if task == "streamingqa":
+        argv += ["--context_lengths", "64", "300"]
+    if task == "msc":
+        argv += ["--limit", "2"]
+    return evaluate.main(argv + list(extra))  # later flags win
+
+
+@pytest.mark.parametrize("task", ["streamingqa", "metaicl", "msc"])
+def test_every_task_and_method_end_to_end(tiny, task):
+    results = run(tiny, task, task)
+    methods = {r["method"] for r in results["rows"]}
+    assert methods == set(evaluate.METHODS)
+    out = tiny / task
+    assert (out / "results.md").read_text().count("| adapter |") >= 2
+    for m in evaluate.METHODS:
+        lines = [json.loads(x) for x in (out / f"predictions_{m}.jsonl").read_text().splitlines()]
+        expected = {"streamingqa": 2 * 8, "metaicl": 2 * 2 * 2 * 2, "msc": 2}[task]
+        assert len(lines) == expected and all("prediction" in x for x in lines)
+    for r in results["rows"]:
+        if "wall_s" in r:
+            assert r["tokens"] > 0 and r["flops"] > 0 and r["wall_s"] > 0
+    if task == "streamingqa":
+        rows = {(r["method"], r["context_length"]): r for r in results["rows"]}
+        assert rows["prompt", 300]["storage_floats"] > rows["prompt", 64]["storage_floats"]
+        assert rows["adapter", 300]["storage_floats"] == rows["adapter", 64]["storage_floats"]  # fixed size
+        assert all(0 <= r["f1"] <= 1 for r in rows.values())
+    if task == "metaicl":
+        summary = [r for r in results["rows"] if r["task"] == "all"]
+        assert {r["shots"] for r in summary} == {1, 2} and all("classification_accuracy" in r for r in summary)
+
+
+def test_reruns_are_identical(tiny):
+    a = run(tiny, "streamingqa", "first", "--methods", "closed_book,rag,finetune,adapter")
+    b = run(tiny, "streamingqa", "second", "--methods", "closed_book,rag,finetune,adapter")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "peak_mb")} for r in rows]
+    assert strip(a["rows"]) == strip(b["rows"])
+    assert (tiny / "first" / "predictions_adapter.jsonl").read_text() == (tiny / "second" / "predictions_adapter.jsonl").read_text()
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_columns_and_empty_answers(tiny, tmp_path):
+    (tmp_path / "bad.csv").write_text("text,query,answer\na,b,c\n")
+    with pytest.raises(ValueError, match="missing column.*question, answers; columns found: text, query, answer"):
+        evaluate.main(["--task", "streamingqa", "--base", str(tiny / "base"), "--data", str(tmp_path / "bad.csv"),
+                       "--methods", "closed_book", "--out", str(tmp_path / "o")])
+    (tmp_path / "empty.csv").write_text('text,question,answers\n"doc","q?",""\n')
+    with pytest.raises(ValueError, match="row 1.*'answers' is empty"):
+        evaluate.main(["--task", "streamingqa", "--base", str(tiny / "base"), "--data", str(tmp_path / "empty.csv"),
+                       "--methods", "closed_book", "--out", str(tmp_path / "o")])
+
+
+def test_metaicl_errors(tiny, tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"train": [], "test": ["no_such_task"]}))
+    with pytest.raises(FileNotFoundError, match="no task 'no_such_task'; tasks found: "):
+        run(tiny, "metaicl", "x", "--config", str(tmp_path / "cfg.json"))
+    with pytest.raises(ValueError, match="--shots 32: .*_16_100_train.jsonl has only 16 demonstrations"):
+        run(tiny, "metaicl", "x", "--shots", "32")
+
+
+def test_generator_for_another_base(tiny, tmp_path):
+    other = tmp_path / "other"
+    random_model(tiny_args(vocab_size=4096, max_seq_len=128, n_layers=3)).save_pretrained(other)
+    shutil.copy(ROOT / "data" / "tiny" / "tokenizer.model", other)
+    with pytest.raises(ValueError, match="holds a generator for the base .* but this base is"):
+        evaluate.main(["--task", "msc", "--base", str(other), "--generator", str(tiny / "gen"),
+                       "--methods", "adapter", "--out", str(tmp_path / "o")])
