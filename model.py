@@ -440,11 +440,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def read_safetensors(file: Path, device) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file, placed on `device`."""
+def read_safetensors(file: Path, device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file, placed on `device` and, when given, cast to `dtype`
+    one tensor at a time (the file's copy of each is released once converted)."""
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            return {key: f.get_tensor(key).to(dtype) if dtype else f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{file}: not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from None
@@ -496,7 +497,7 @@ def load_weights(files, layout: str, args: ModelArgs, expected: dict[str, torch.
     """Reads weight files into our parameter names, checking names and shapes strictly."""
     state = {}
     for file in files:
-        for name, tensor in read_safetensors(file, device).items():
+        for name, tensor in read_safetensors(file, device, dtype).items():
             if name.endswith(IGNORED):
                 continue
             ours = name.removeprefix("model.")
@@ -509,7 +510,7 @@ def load_weights(files, layout: str, args: ModelArgs, expected: dict[str, torch.
             if ours in expected and tensor.shape != expected[ours]:
                 raise ValueError(f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(expected[ours])}")
-            state[ours] = tensor.to(dtype)
+            state[ours] = tensor
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
