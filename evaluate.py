@@ -521,10 +521,10 @@ def parse_args(argv=None):
     return args
 
 
+@torch.no_grad()  # finetune_lora re-enables gradients for its own baseline
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_grad_enabled(False)
     model, tokenizer = load(args.base, device)
     generator = AdapterGenerator.load(args.generator, model.args, device) if "adapter" in args.methods else None
     if args.task == "streamingqa":

@@ -98,7 +98,7 @@ TINY_PRESETS = {
     "pretrain": dict(data=[str(WORLD / "pretrain_train.jsonl.gz")],
                      val_data=[str(WORLD / "pretrain_validation.jsonl.gz")],
                      d_r=128, r=128, k=16, alpha=8.0, window=64, windows=4, lr=2e-3,
-                     warmup=30, steps=500, batch_size=16, micro_batch=16, eval_interval=100,
+                     warmup=30, steps=450, batch_size=16, micro_batch=16, eval_interval=150,
                      eval_batches=4, log_interval=5, ckpt_interval=100),
     "sft": dict(data=[str(WORLD / "instructions_train.jsonl.gz")],
                 val_data=[str(WORLD / "instructions_validation.jsonl")], out="runs/sft",

@@ -282,3 +282,21 @@ def test_tokenizer():
         assert sp.decode(sp.encode(text)) == text
     assert "INST" in sp.encode("[INST] hi [/INST]", out_type=str)
     assert all(sum(c.isdigit() for c in piece) <= 1 for piece in sp.encode("born in 1962", out_type=str))
+
+
+# -----------------------------------------------------------------------------
+# The committed tiny base (and generator)
+
+def test_tiny_checkpoint_loads_and_round_trips():
+    import torch
+    from model import load
+    model, tokenizer = load(ROOT / "data" / "tiny")
+    assert model.args.model_type == "mistral" and model.args.n_kv_heads < model.args.n_heads
+    assert model.args.max_seq_len == 256 and tokenizer.template == "mistral"
+    text = next(iter_texts(WORLD / "pretrain_validation.jsonl.gz"))[:2000]
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:200]]))
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:200]))
+    assert loss < 2.5  # it models the world's text (a random model: ln 4096 = 8.3)

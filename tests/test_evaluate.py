@@ -126,6 +126,7 @@ def run(tiny: Path, task: str, out: str, *extra) -> dict:
 @pytest.mark.parametrize("task", ["streamingqa", "metaicl", "msc"])
 def test_every_task_and_method_end_to_end(tiny, task):
     results = run(tiny, task, task)
+    assert torch.is_grad_enabled()  # main() must not switch autograd off for the caller
     methods = {r["method"] for r in results["rows"]}
     assert methods == set(evaluate.METHODS)
     out = tiny / task
