@@ -17,6 +17,7 @@ checkpointing (2N), and 6 x the generator's parameters.
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 from evaluate import PeakMemory, forward_flops, kv_cache_floats
 from generator import AdapterGenerator, ContextState, GeneratorConfig, merged, svd_normalize
 from model import KVCache, ModelArgs, Transformer
-from train import TINY_BASE, TINY_PRESETS
+from train import TASKS, TINY_BASE, TINY_PRESETS, autocast, pretraining_layout
 
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, by device name
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
@@ -36,7 +37,7 @@ PRESETS = {
     # base, generator, tokens per training window x windows, context lengths, decode prompt
     "tiny": dict(base=TINY_BASE, generator=GeneratorConfig(**{k: TINY_PRESETS["pretrain"][k] for k in
                  ("d_r", "r", "k", "alpha", "window")}), windows=4, micro_batch=4,
-                 contexts=[256, 512, 1024, 2048, 4096, 8192], prompt=128, new_tokens=32, repeats=3),
+                 contexts=[1024, 2048, 4096, 8192, 16384], prompt=128, new_tokens=32, repeats=3),
     "7b": dict(base=MISTRAL_7B, generator=GeneratorConfig(), windows=8, micro_batch=1,
                contexts=[1024, 2048, 4096, 8192, 16384, 32768], prompt=512, new_tokens=128, repeats=5),
 }
@@ -93,10 +94,6 @@ def training_step_flops(args: ModelArgs, generator: AdapterGenerator, windows: i
 # The four measurements
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
 def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
     """The base alone: forward, and forward + backward into every weight (6N per token)."""
     B, T = preset["micro_batch"] * preset["windows"], preset["generator"].window
@@ -126,12 +123,10 @@ def bench_training(model: Transformer, generator: AdapterGenerator, device, pres
     """One generator pretraining micro-step (SPEC 5 layout: T completion + T reconstruction
     windows) on the frozen base: tokens/s, peak memory, MFU, and the share spent in SVDs."""
     T, w, N = preset["windows"], generator.config.window, preset["micro_batch"]
-    W = 2 * T
+    visible = pretraining_layout(T, TASKS)[0].to(device)  # (W, W), W = 2T
+    W = len(visible)
     tokens = torch.randint(0, model.args.vocab_size, (N, W, w), device=device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
-    visible = torch.zeros(W, W, dtype=torch.bool, device=device)
-    visible[:T, :T] = torch.ones(T, T, device=device).tril(-1).bool()
-    visible[T:, :T] = torch.ones(T, T, device=device).tril(0).bool()
     model.checkpointing = device.type == "cuda"
 
     def step():
@@ -158,16 +153,18 @@ def bench_training(model: Transformer, generator: AdapterGenerator, device, pres
 
 
 def bench_ingestion(model: Transformer, generator: AdapterGenerator, device, preset: dict) -> list[dict]:
-    """Per context length: streaming the context into an adapter state (time, peak memory,
-    state bytes) against prompting's prefill (time, peak memory, KV-cache bytes)."""
+    """Per context length: streaming the context into an adapter state (time, time per window,
+    peak memory and what streaming added to it, the state's bytes) against prompting's prefill
+    (time, peak memory, KV-cache bytes)."""
     rows = []
     dtype = model.lm_head.weight.dtype
     for n in preset["contexts"]:
         ids = torch.randint(3, model.args.vocab_size, (n,)).tolist()
+        states = []
         with PeakMemory(device) as adapter_memory, torch.no_grad(), autocast(device):
-            adapter = timed(lambda: generator.contextualize(model, ids), device, 1, warmup=0)
-        state = generator.empty_state()
-        state_bytes = sum(s.numel() * s.element_size() for s in state.S.values())
+            adapter = timed(lambda: states.append(generator.contextualize(model, ids)), device, 1, warmup=0)
+        state_bytes = sum(s.numel() * s.element_size() for s in states.pop().S.values())
+        windows = math.ceil(n / generator.config.window)
 
         def prefill():
             cache = KVCache(model.args, 1, n, device, dtype)
@@ -177,9 +174,12 @@ def bench_ingestion(model: Transformer, generator: AdapterGenerator, device, pre
         with PeakMemory(device) as prompt_memory:
             prompt = timed(prefill, device, 1, warmup=0)
         kv_bytes = kv_cache_floats(model.args, n) * torch.finfo(dtype).bits // 8
-        rows.append({"context_tokens": n, "adapter_s": adapter["median_s"], "adapter_peak_mb": adapter_memory.peak_mb,
+        rows.append({"context_tokens": n, "adapter_s": adapter["median_s"],
+                     "adapter_s_per_window": adapter["median_s"] / windows, "adapter_peak_mb": adapter_memory.peak_mb,
+                     "adapter_extra_mb": adapter_memory.extra_mb,
                      "adapter_state_bytes": state_bytes, "prompt_prefill_s": prompt["median_s"],
-                     "prompt_peak_mb": prompt_memory.peak_mb, "kv_cache_bytes": kv_bytes})
+                     "prompt_peak_mb": prompt_memory.peak_mb,
+                     "prompt_extra_mb": prompt_memory.extra_mb, "kv_cache_bytes": kv_bytes})
     return rows
 
 

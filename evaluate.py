@@ -183,25 +183,37 @@ def lora_floats(lora: LoRA) -> int:
 
 class PeakMemory:
     """Peak memory inside the block: CUDA's allocator on a GPU; on Linux CPUs the process's
-    peak resident set (VmHWM), reset on entry through /proc/self/clear_refs."""
+    peak resident set (VmHWM), reset on entry through /proc/self/clear_refs. `peak_mb` is the
+    peak; `extra_mb` the peak less what was in use on entry (what the block itself added)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, None
+        self.device, self.peak_mb, self.extra_mb = device, None, None
+
+    def _now_mb(self, key: str) -> float | None:
+        if self.device.type == "cuda":
+            stat = torch.cuda.max_memory_allocated if key == "VmHWM" else torch.cuda.memory_allocated
+            return stat(self.device) / 2**20
+        if not os.path.exists("/proc/self/status"):
+            return None
+        status = open("/proc/self/status").read()
+        return int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024
 
     def __enter__(self):
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif os.path.exists("/proc/self/clear_refs"):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+        self.start_mb = self._now_mb("VmRSS")
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif os.path.exists("/proc/self/status"):
-            status = open("/proc/self/status").read()
-            self.peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+            torch.cuda.synchronize(self.device)
+        self.peak_mb = self._now_mb("VmHWM")
+        if self.peak_mb is not None:
+            self.extra_mb = self.peak_mb - self.start_mb
         return False
 
 
