@@ -434,9 +434,13 @@ def hf_name(name: str) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls write(temporary path), then renames it over `path`: readers never see half a file."""
+    """Calls write(temporary path), then renames it over `path`: readers never see half a file.
+    The file gets the mode a new file usually gets (safetensors creates its files 0600)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

@@ -300,3 +300,25 @@ def test_tiny_checkpoint_loads_and_round_trips():
         logits = model(torch.tensor([ids[:200]]))
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:200]))
     assert loss < 2.5  # it models the world's text (a random model: ln 4096 = 8.3)
+
+
+def test_tiny_generator_loads_and_injects_a_document():
+    # the committed generator belongs to the committed base, and a document streamed through it
+    # lowers the base's loss on the answer to a question about it (the context not in the prompt)
+    import torch
+    from generator import AdapterGenerator, merged
+    from model import load
+    from train import chat_example, context_ids
+    model, tokenizer = load(ROOT / "data" / "tiny")
+    generator = AdapterGenerator.load(ROOT / "data" / "tiny" / "generator", model.args)
+    records = list(read_instructions(WORLD / "instructions_validation.jsonl"))[:32]
+    losses = {"alone": 0.0, "adapter": 0.0}
+    with torch.no_grad():
+        for r in records:
+            ids, targets = map(torch.tensor, chat_example(tokenizer, r.prompt, r.answer))
+            state = generator.contextualize(model, context_ids(tokenizer, r.context))
+            for name, context in (("alone", torch.no_grad()), ("adapter", merged(model, generator.lora(state)))):
+                with context:
+                    logits = model(ids[None])[0]
+                losses[name] += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100))
+    assert losses["adapter"] < 0.9 * losses["alone"]

@@ -1,6 +1,7 @@
 """model.py: parity with an independent reference, caching, loading, tokenizer, errors."""
 
 import json
+import os
 import math
 import shutil
 
@@ -199,6 +200,9 @@ def test_save_load_single_and_sharded(tmp_path):
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_bytes=40_000)
     assert (tmp_path / "single" / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "single" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     for folder in ("single", "sharded"):
