@@ -469,9 +469,13 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                  table("classification_accuracy", "shots", "classification tasks", select=summary),
                  table("non_classification_accuracy", "shots", "non-classification tasks", select=summary)]
         column = "shots"
-    else:
-        parts = [table("f1", "task", "F1"), table("em", "task", "EM")]
-        column = "task"
+    else:  # MSC: a row per method, a column per metric
+        lines = [f"**MSC self-instruct ({rows[0]['examples']} users)**", "", "| method | F1 | EM | ROUGE-L recall |",
+                 "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {100 * r['f1']:.1f} | {100 * r['em']:.1f} | {100 * r['rouge_l']:.1f} |"
+                  for r in rows]
+        parts = ["\n".join(lines) + "\n"]
+        column = "examples"
     costs = [r for r in rows if "wall_s" in r]
     lines = ["**costs**", "", f"| method | {column} | tokens | TFLOPs | GFLOPs per query | storage per "
              "context (floats) | wall s | peak MB |", "|---|---|---|---|---|---|---|---|"]

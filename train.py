@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data.make_world import FreshWorlds
 from data.readers import iter_texts, read_instructions
 from generator import AdapterGenerator, GeneratorConfig, split_windows
-from model import ModelArgs, Tokenizer, Transformer, generate, load
+from model import ModelArgs, Tokenizer, Transformer, atomic_write, generate, load
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "data" / "tiny"
@@ -815,7 +815,7 @@ def main(argv=None) -> Path:
                                 tokens_seen / (time.time() - started), world, rank, bar)
         bar.update(1)
         if step % config.eval_interval == 0 or step == config.steps:
-            validate(run, val_batches, config, rank, step)
+            validate(run, val_batches, config, rank, step, out)
         if step % config.ckpt_interval == 0 or step == config.steps:
             write_checkpoint(out, config, run, optimizer, step, rank, world)
     bar.close()
@@ -843,9 +843,10 @@ def log_step(out, step, config, tasks, sums, counts, fired, grad_norm, tokens_pe
     return record
 
 
-def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int) -> None:
+def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int, out: Path) -> None:
     """Generator stages: perplexity per task with the generated adapter and with the base alone.
-    Base stage: perplexity, and answer accuracy with and without the context in the prompt."""
+    Base stage: perplexity, and answer accuracy with and without the context in the prompt.
+    Printed, and appended to validation.jsonl beside log.jsonl."""
     if rank != 0:
         return
     if run.base is None:
@@ -856,12 +857,16 @@ def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int) -
         em_closed = answer_accuracy(run.module, run.tokenizer, qa, with_context=False)
         tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
                    f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}")
-        return
-    plain = lambda b: (run.base(b.tokens.flatten(0, 1)).view(*b.tokens.shape, -1), None)
-    adapted = perplexities(lambda b: run.module(run.base, b.tokens, b.mask, b.visible), val_batches, run.tasks)
-    alone = perplexities(plain, val_batches, run.tasks)
-    tqdm.write(f"step {step}: validation perplexity " + ", ".join(
-        f"{name} {adapted[name]:.2f} with adapter / {alone[name]:.2f} base alone" for name in adapted))
+        record = {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed}
+    else:
+        plain = lambda b: (run.base(b.tokens.flatten(0, 1)).view(*b.tokens.shape, -1), None)
+        adapted = perplexities(lambda b: run.module(run.base, b.tokens, b.mask, b.visible), val_batches, run.tasks)
+        alone = perplexities(plain, val_batches, run.tasks)
+        tqdm.write(f"step {step}: validation perplexity " + ", ".join(
+            f"{name} {adapted[name]:.2f} with adapter / {alone[name]:.2f} base alone" for name in adapted))
+        record = {"ppl_with_adapter": adapted, "ppl_base_alone": alone}
+    with open(out / "validation.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **record}) + "\n")
 
 
 def write_checkpoint(out: Path, config: TrainConfig, run: Run, optimizer, step: int, rank: int, world: int):
@@ -899,8 +904,17 @@ def resume(out: Path, config: TrainConfig, run: Run, optimizer, rank: int, world
     if mine["cuda_rng"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda_rng"])
     if rank == 0:
+        for log in ("log.jsonl", "validation.jsonl"):
+            drop_lines_after(out / log, state["step"])
         print(f"resumed {path} at step {state['step']}")
     return state["step"]
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """Forgets what a crashed run logged after its last checkpoint: those steps are redone."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 
 def finish(out: Path, config: TrainConfig, run: Run, last_log: dict | None, seconds: float) -> None:

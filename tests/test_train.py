@@ -193,22 +193,26 @@ def test_sft_stage_runs_from_a_pretrained_generator(world, tmp_path):
 
 def test_resume_is_bit_identical(world, tmp_path, monkeypatch):
     train.main(args(world, tmp_path / "straight"))
-    real_save = train.save_checkpoint
-    calls = []
+    real_log = train.log_step
 
-    def interrupt(*a, **kw):  # the run dies right after its first checkpoint
-        real_save(*a, **kw)
-        calls.append(1)
-        raise KeyboardInterrupt
+    def interrupt(out, step, *a, **kw):  # the run dies two steps after its checkpoint of step 3
+        record = real_log(out, step, *a, **kw)
+        if step == 5:
+            raise KeyboardInterrupt
+        return record
 
-    monkeypatch.setattr(train, "save_checkpoint", interrupt)
+    monkeypatch.setattr(train, "log_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(world, tmp_path / "resumed"))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert [r["step"] for r in log(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(train, "log_step", real_log)
     train.main(args(world, tmp_path / "resumed", "--resume"))
     straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
     keep = ("step", "loss", "loss_completion", "loss_reconstruction", "lr", "grad_norm")
     assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
+    validation = [json.loads(x) for x in (tmp_path / "resumed" / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validation] == [6]
+    assert set(validation[0]["ppl_with_adapter"]) == {"completion", "reconstruction"}
 
 
 def test_failed_checkpoint_write_keeps_the_previous(world, tmp_path, monkeypatch):
