@@ -189,29 +189,27 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device, self.peak_mb, self.extra_mb = device, None, None
 
-    def _now_mb(self, key: str) -> float | None:
+    def _read_mb(self, peak: bool) -> float | None:
         if self.device.type == "cuda":
-            stat = torch.cuda.max_memory_allocated if key == "VmHWM" else torch.cuda.memory_allocated
-            return stat(self.device) / 2**20
+            torch.cuda.synchronize(self.device)
+            read = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
+            return read(self.device) / 2**20
         if not os.path.exists("/proc/self/status"):
             return None
-        status = open("/proc/self/status").read()
-        return int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024
+        key = "VmHWM" if peak else "VmRSS"
+        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 
     def __enter__(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif os.path.exists("/proc/self/clear_refs"):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-        self.start_mb = self._now_mb("VmRSS")
+        self.start_mb = self._read_mb(peak=False)
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.peak_mb = self._now_mb("VmHWM")
+        self.peak_mb = self._read_mb(peak=True)
         if self.peak_mb is not None:
             self.extra_mb = self.peak_mb - self.start_mb
         return False

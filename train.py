@@ -403,6 +403,8 @@ class RecordBatches:
     padded share of tokens from 62% to 17%)."""
 
     def __init__(self, examples: list, seed: int, collate, rank=0, world=1, size=None, micro_batch=1):
+        if len(examples) < world:
+            raise ValueError(f"{len(examples)} examples cannot be shared among {world} processes")
         self.examples, self.seed, self.collate, self.rank, self.world = examples, seed, collate, rank, world
         self.size, self.micro_batch = size, micro_batch
         self.epoch, self.position, self.order = 0, 0, None

@@ -186,3 +186,11 @@ def test_generator_for_another_base(tiny, tmp_path):
     with pytest.raises(ValueError, match="holds a generator for the base .* but this base is"):
         evaluate.main(["--task", "msc", "--base", str(other), "--generator", str(tiny / "gen"),
                        "--methods", "adapter", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_peak_memory_sees_an_allocation():
+    with evaluate.PeakMemory(torch.device("cpu")) as memory:
+        x = torch.ones(25 * 2**20)  # 100 MB, written so that every page is resident
+        del x
+    assert 95 < memory.extra_mb < 110 and memory.peak_mb >= memory.extra_mb

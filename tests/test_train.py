@@ -162,6 +162,8 @@ def test_sft_batches_bucket_by_size_and_resume():
     resumed = train.RecordBatches(examples, 3, train.sft_batch, size=train.sft_size, micro_batch=4)
     resumed.load_state_dict(source.state_dict())
     assert resumed.take(30) == source.take(30)
+    with pytest.raises(ValueError, match="0 examples cannot be shared among 1 processes"):
+        train.RecordBatches([], 0, train.sft_batch)  # rather than loop forever looking for one
 
 
 def test_a_few_steps_lower_the_loss(world, tmp_path):
