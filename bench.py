@@ -1,7 +1,8 @@
-"""Measures speed and memory: the base model, a generator pretraining step, context ingestion
-against prompting, and decoding with each form of the adapter.
+"""Measures speed and memory: loading a checkpoint, the base model, a generator pretraining
+step, context ingestion against prompting, and decoding with each form of the adapter.
 
     python bench.py --preset tiny --device cpu          # the tiny default, under a minute
+    python bench.py --preset small --device cpu         # a 52M Llama-2-shaped model, a few minutes
     python bench.py --preset 7b --device cuda --compile # a Mistral-7B-shaped model, random bf16 weights
 
 Every number is the median of repeats after warm-up, with device synchronisation; the spread
@@ -18,6 +19,7 @@ checkpointing (2N), and 6 x the generator's parameters.
 import argparse
 import json
 import math
+import tempfile
 import statistics
 import sys
 import time
@@ -33,11 +35,16 @@ from train import TASKS, TINY_BASE, TINY_PRESETS, autocast, pretraining_layout
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, by device name
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32000, max_seq_len=32768, rope_theta=1e6, model_type="mistral")
+SMALL = ModelArgs(dim=512, n_layers=6, n_heads=8, n_kv_heads=8, head_dim=64, hidden_dim=1376, vocab_size=32000,
+                  max_seq_len=4096, rope_theta=1e4, model_type="llama")  # 51.7M parameters
 PRESETS = {
     # base, generator, tokens per training window x windows, context lengths, decode prompt
     "tiny": dict(base=TINY_BASE, generator=GeneratorConfig(**{k: TINY_PRESETS["pretrain"][k] for k in
                  ("d_r", "r", "k", "alpha", "window")}), windows=4, micro_batch=4,
                  contexts=[1024, 2048, 4096, 8192, 16384], prompt=128, new_tokens=32, repeats=3),
+    "small": dict(base=SMALL, generator=GeneratorConfig(d_r=256, r=256, k=32, alpha=16.0, window=256),
+                  windows=4, micro_batch=1, contexts=[1024, 2048, 4096, 8192, 16384], prompt=128,
+                  new_tokens=32, repeats=3),
     "7b": dict(base=MISTRAL_7B, generator=GeneratorConfig(), windows=8, micro_batch=1,
                contexts=[1024, 2048, 4096, 8192, 16384, 32768], prompt=512, new_tokens=128, repeats=5),
 }
@@ -91,7 +98,24 @@ def training_step_flops(args: ModelArgs, generator: AdapterGenerator, windows: i
 
 
 # -----------------------------------------------------------------------------
-# The four measurements
+# The measurements
+
+
+def bench_loading(model: Transformer, device) -> dict:
+    """Transformer.from_pretrained of the model saved in its own dtype: time, and the memory it
+    adds (host RSS on a CPU, the allocator on a GPU) as a multiple of the weights' bytes."""
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        Transformer.from_pretrained(tmp, device)  # warm-up: the first call pays one-time library set-up
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            loaded = Transformer.from_pretrained(tmp, device)
+            torch.stack([p.sum() for p in loaded.parameters()])  # every weight read: all pages in
+            sync(device)
+            seconds = time.perf_counter() - start
+    return {"load_s": seconds, "weights_mb": weight_mb, "extra_mb": memory.extra_mb,
+            "extra_per_weight_byte": memory.extra_mb / weight_mb if memory.extra_mb is not None else None}
 
 
 def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
@@ -230,7 +254,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                   help="tiny: the embedded default's shapes; 7b: Mistral-7B with the released generator")
+                   help="tiny: the embedded default's shapes; small: a 52M Llama-2-shaped base; "
+                   "7b: Mistral-7B with the released generator")
     p.add_argument("--compile", action="store_true", help="torch.compile (reduce-overhead) the decode step")
     p.add_argument("--out", default=None, help="JSON file (default: runs/bench/<preset>-<device>.json)")
     args = p.parse_args(argv)
@@ -248,6 +273,8 @@ def main(argv=None) -> dict:
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "preset": args.preset, "peak_tflops": peak}
     print(f"{results['device']}, torch {results['torch']}, preset {args.preset}")
+    results["loading"] = bench_loading(model, device)
+    print("loading:", json.dumps(results["loading"]))
     results["base"] = bench_base(model, device, preset, peak)
     print("base:", json.dumps(results["base"]))
     results["training_step"] = bench_training(model, generator, device, preset, peak)

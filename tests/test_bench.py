@@ -22,6 +22,7 @@ def test_tiny_preset_on_cpu_writes_json(tmp_path):
     bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["device"] == "cpu" and results["torch"] and "--preset tiny" in results["command"]
+    assert 0.9 < results["loading"]["extra_per_weight_byte"] < 3  # about one copy of the weights
     assert results["base"]["forward"]["tokens_per_s"] > 0 and results["base"]["forward"]["mfu"] is None
     assert 0 < results["training_step"]["svd_share"] < 1
     states = {row["adapter_state_bytes"] for row in results["ingestion"]}
