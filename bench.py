@@ -42,7 +42,7 @@ PRESETS = {
     "tiny": dict(base=TINY_BASE, generator=GeneratorConfig(**{k: TINY_PRESETS["pretrain"][k] for k in
                  ("d_r", "r", "k", "alpha", "window")}), windows=4, micro_batch=4,
                  contexts=[1024, 2048, 4096, 8192, 16384], prompt=128, new_tokens=32, repeats=3),
-    "small": dict(base=SMALL, generator=GeneratorConfig(d_r=256, r=256, k=32, alpha=16.0, window=256),
+    "small": dict(base=SMALL, generator=GeneratorConfig(d_r=256, r=256, k=32, alpha=16.0, window=512),
                   windows=4, micro_batch=1, contexts=[1024, 2048, 4096, 8192, 16384], prompt=128,
                   new_tokens=32, repeats=3),
     "7b": dict(base=MISTRAL_7B, generator=GeneratorConfig(), windows=8, micro_batch=1,
