@@ -824,6 +824,7 @@ def main(argv=None) -> Path:
     if rank == 0:
         finish(out, config, run, last_log, time.time() - started)
     if world > 1:
+        dist.barrier()  # ranks leave together: a gloo process exiting mid-teardown can abort
         dist.destroy_process_group()
     return out / "checkpoint"
 

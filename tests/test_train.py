@@ -264,6 +264,8 @@ if world > 1:
     torch.distributed.all_reduce(sums); torch.distributed.all_reduce(counts)
 if rank == 0:
     torch.save({{"loss": sums / counts, "weights": gen.state_dict()}}, {out!r})
+if world > 1:  # leaving without this can abort a gloo process at exit
+    torch.distributed.barrier(); torch.distributed.destroy_process_group()
 """
 
 
