@@ -13,8 +13,8 @@ Stages:
   sft       (context, prompt, answer) records: the context as windows, the chat turn as the final
             window, loss on the answer only (SPEC 6);
   base      trains the tiny Mistral-architecture base of the embedded default from scratch, on
-            text and reading comprehension about worlds invented on the fly (data/make_world.py),
-            so that it knows none of the facts in data/world/.
+            text and instruction records (context in the prompt) about worlds invented on the fly
+            (data/make_world.py), so that it knows none of the facts in data/world/.
 
 Defaults are the authors' released configuration for a full-size base; without --base, the
 embedded tiny preset (printed by --help) replaces them. Every run writes, under --out:
@@ -450,7 +450,7 @@ class RecordBatches:
 
 
 class FreshSource:
-    """The base stage's endless training data: text windows and reading-comprehension examples
+    """The base stage's endless training data: text windows and instruction examples
     about worlds invented on the spot (data/make_world.FreshWorlds); draw i of rank r is a
     function of (seed, r, i), so a counter is all the state."""
 
@@ -486,7 +486,7 @@ class FreshSource:
 
 class BaseBatches:
     """The base stage's rows, one window each: a quarter are text windows (loss 'text' on every
-    token), the rest are reading-comprehension examples (chat template, context in the prompt)
+    token), the rest are instruction examples (chat template, context in the prompt)
     packed one after another, with the loss 'answer' on their answers and 'text' on the rest.
 
     `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
@@ -499,7 +499,6 @@ class BaseBatches:
         L = self.length
         tokens = torch.zeros(n, 1, L, dtype=torch.long)
         mask = torch.zeros(n, 1, L, dtype=torch.bool)
-        targets = torch.full((n, 1, L), -100)
         task = torch.zeros(n, 1, L, dtype=torch.long)
         for i in range(n):
             if i < n // 4:
@@ -511,10 +510,9 @@ class BaseBatches:
                     if len(ids) + len(more) > L:
                         break
                     ids, answer = ids + more, answer + more_answer
-            row = torch.tensor(ids)
-            tokens[i, 0, :len(ids)], mask[i, 0, :len(ids)] = row, True
-            targets[i, 0, :len(ids) - 1] = row[1:]  # answers' targets are their next tokens too
+            tokens[i, 0, :len(ids)], mask[i, 0, :len(ids)] = torch.tensor(ids), True
             task[i, 0, :len(ids)] = (torch.tensor(answer) != -100).long()
+        targets = next_token_targets(tokens, mask)  # answers' targets are their next tokens too
         return Batch(tokens, mask, targets, torch.zeros(1, 1, dtype=torch.bool), task)
 
     def state_dict(self) -> dict:
