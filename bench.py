@@ -17,6 +17,7 @@ checkpointing (2N), and 6 x the generator's parameters.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
@@ -232,11 +233,11 @@ def bench_decoding(model: Transformer, generator: AdapterGenerator, state: Conte
             def run():
                 cache = KVCache(model.args, batch, P + new, device, dtype, static=compile_step)
                 with torch.no_grad(), autocast(device):
-                    token = model(prompt, cache=cache, adapter=adapter)[:, -1].argmax(-1, keepdim=True)
+                    token = decode_step(model, adapter)(prompt, cache)  # prefill, eager
                     for _ in range(new):
                         token = step(token, cache)
 
-            with merged(model, forms["lora"]) if form == "merged" else torch.no_grad():
+            with torch.no_grad(), merged(model, forms["lora"]) if form == "merged" else contextlib.nullcontext():
                 prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, P + new, device, dtype)),
                                 device, preset["repeats"])
                 t = timed(run, device, preset["repeats"])
