@@ -143,6 +143,8 @@ def test_every_task_and_method_end_to_end(tiny, task):
         assert rows["prompt", 300]["storage_floats"] > rows["prompt", 64]["storage_floats"]
         assert rows["adapter", 300]["storage_floats"] == rows["adapter", 64]["storage_floats"]  # fixed size
         assert all(0 <= r["f1"] <= 1 for r in rows.values())
+    if task == "msc":  # a row per method, a column per metric
+        assert "| method | F1 | EM | ROUGE-L recall |" in (out / "results.md").read_text()
     if task == "metaicl":
         summary = [r for r in results["rows"] if r["task"] == "all"]
         assert {r["shots"] for r in summary} == {1, 2} and all("classification_accuracy" in r for r in summary)
