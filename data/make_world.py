@@ -842,13 +842,18 @@ def dialogue_text(record: dict) -> str:
 # -----------------------------------------------------------------------------
 # Instruction tuning
 
-def qa_instruction(world: World, split: Split, rng: random.Random) -> dict:
-    """A question about one of 1-3 documents given as context."""
+def documents_about(world: World, split: Split, n: int, rng: random.Random, distractors: bool = True) -> list[Document]:
+    """Documents about n entities drawn from the split (fewer when a draw repeats), each in a random style."""
     entities = {}
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(n):
         entity = pick_entity(split, rng)
         entities[entity.name] = entity
-    documents = [write_document(world, split, e, rng.choice(list(STYLES)), rng) for e in entities.values()]
+    return [write_document(world, split, e, rng.choice(list(STYLES)), rng, distractors) for e in entities.values()]
+
+
+def qa_instruction(world: World, split: Split, rng: random.Random) -> dict:
+    """A question about one of 1-3 documents given as context."""
+    documents = documents_about(world, split, rng.randint(1, 3), rng)
     phrasings, answers = rng.choice(rng.choice(documents).questions)
     return {"context": "\n\n".join(d.text for d in documents), "prompt": rng.choice(phrasings), "answer": answers[0]}
 
@@ -889,7 +894,11 @@ class FreshWorlds:
     is later trained or evaluated on, so those facts can only come from the context.
     """
 
-    SIZES = (40, 20, 20)  # people, organisations, events of a fresh split
+    SIZES = (40, 20, 20)  # people, organisations, events of a fresh split for an instruction record
+    # A text window's split is small, so its entities recur: a later document restates facts of an
+    # earlier one, and predicting them means finding them there. The language-model loss itself
+    # then teaches the lookup that answering from a context needs.
+    TEXT_SIZES = (8, 4, 4)
 
     def __init__(self, config: WorldConfig = WorldConfig()):
         self.world = build_world(config)
@@ -900,17 +909,17 @@ class FreshWorlds:
                  + [e.name.split()[0] for s in w.splits.values() for e in s.events])
         self.taken = reserved_words() | {name.lower() for name in names}
 
-    def _fresh(self, rng: random.Random) -> tuple[World, Split]:
+    def _fresh(self, rng: random.Random, sizes: tuple[int, int, int]) -> tuple[World, Split]:
         names = NameMaker(rng)
         names.used = set(self.taken)
-        split = build_split(names, self.world.first_names, list(self.world.cities), self.SIZES, rng)
+        split = build_split(names, self.world.first_names, list(self.world.cities), sizes, rng)
         w = self.world
         return World(w.cities, {"fresh": split}, w.first_names, w.pet_names, w.teams, w.label_words), split
 
     def text(self, key: str, min_words: int = 220) -> str:
-        """Documents of one style about a fresh split, joined by blank lines, at least min_words."""
+        """Documents of one style about a small fresh split, joined by blank lines, at least min_words."""
         rng = random.Random(f"fresh/text/{key}")
-        world, split = self._fresh(rng)
+        world, split = self._fresh(rng, self.TEXT_SIZES)
         style, documents, words = rng.choice(list(STYLES)), [], 0
         while words < min_words:
             documents.append(write_document(world, split, pick_entity(split, rng), style, rng).text)
@@ -918,25 +927,28 @@ class FreshWorlds:
         return "\n\n".join(documents)
 
     def instruction(self, key: str) -> dict:
-        """A record {"context", "prompt", "answer"}: 30% easy QA (one document about one entity,
-        no distractor: the answer is the only candidate of its kind, which is how a small model
-        first learns to look things up), 30% QA over documents as in instructions_train, 30%
-        few-shot (train tasks), 10% dialogue memory."""
+        """A record {"context", "prompt", "answer", "follow_ups": [(prompt, answer), ...]}: 50% easy
+        QA (one document about one entity, no distractor: the answer is the only candidate of its
+        kind, which is how a small model first learns to look things up), 35% QA over 1-3
+        documents with distractors as in instructions_train, 10% few-shot (train tasks), 5%
+        dialogue memory. QA records ask 1-4 questions about their context, the first in
+        "prompt", the rest as follow-up turns: more answers to learn from per context token."""
         rng = random.Random(f"fresh/instruction/{key}")
-        world, split = self._fresh(rng)
+        world, split = self._fresh(rng, self.SIZES)
         roll = rng.random()
-        if roll < 0.3:
-            document = write_document(world, split, pick_entity(split, rng), rng.choice(list(STYLES)), rng,
-                                      distractors=False)
-            phrasings, answers = rng.choice(document.questions)
-            return {"context": document.text, "prompt": rng.choice(phrasings), "answer": answers[0]}
-        if roll < 0.6:
-            return qa_instruction(world, split, rng)
-        if roll < 0.9:
-            return fewshot_instruction(rng.choice(self.train_tasks), split, rng)
+        if roll < 0.85:
+            easy = roll < 0.5
+            documents = documents_about(world, split, 1 if easy else rng.randint(1, 3), rng, distractors=not easy)
+            facts = [fact for d in documents for fact in d.questions]
+            turns = [(rng.choice(phrasings), answers[0])
+                     for phrasings, answers in rng.sample(facts, min(len(facts), rng.randint(1, 4)))]
+            return {"context": "\n\n".join(d.text for d in documents), "prompt": turns[0][0],
+                    "answer": turns[0][1], "follow_ups": turns[1:]}
+        if roll < 0.95:
+            return {**fewshot_instruction(rng.choice(self.train_tasks), split, rng), "follow_ups": []}
         record, facts = msc_user(world, "fresh", rng)
         fact = rng.choice(facts)
-        return {"context": dialogue_text(record), "prompt": fact.question, "answer": fact.answer}
+        return {"context": dialogue_text(record), "prompt": fact.question, "answer": fact.answer, "follow_ups": []}
 
 
 # -----------------------------------------------------------------------------

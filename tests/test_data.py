@@ -177,7 +177,10 @@ def test_fresh_worlds_for_the_base_name_nothing_of_the_files():
     entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]
     committed = set().union(*(set(names["name_words"]) for names in entities.values()))
     drawn = [fresh.text(str(i)) for i in range(30)]
-    drawn += [r["context"] + " " + r["prompt"] + " " + r["answer"] for r in (fresh.instruction(str(i)) for i in range(60))]
+    records = [fresh.instruction(str(i)) for i in range(60)]
+    drawn += [" ".join([r["context"], r["prompt"], r["answer"], *(q + " " + a for q, a in r["follow_ups"])])
+              for r in records]
+    assert sum(len(r["follow_ups"]) for r in records) > 30  # QA records ask several questions
     assert not words_in(drawn) & committed
     assert fresh.text("7") == make_world.FreshWorlds().text("7")  # a function of the key
     assert fresh.text("7") != fresh.text("8")

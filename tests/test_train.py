@@ -111,8 +111,8 @@ def test_base_stage_data_resumes_from_a_counter():
     again.load_state_dict(state)
     assert [again.example() for _ in range(3)] == examples
     assert all(len(ids) <= 128 and any(t != -100 for t in targets) for ids, targets in examples)
-    batch = train.BaseBatches(source, source, 128).next(4)
-    assert batch.tokens.shape == (4, 1, 128)
+    batch = train.BaseBatches(source, source, 128).next(8)
+    assert batch.tokens.shape == (8, 1, 128)
     assert (batch.task[0] == 0).all()  # a text window
     packed = batch.tokens[1, 0][batch.mask[1, 0]].tolist()
     assert packed.count(tok.bos_id) >= 1 and packed[0] == tok.bos_id  # whole examples, one after another
@@ -141,6 +141,22 @@ def test_sft_targets_cover_only_the_answer():
     assert (batch.targets[:, :-1] == -100).all()  # context windows carry no loss
     assert batch.mask[1, 1:-1].sum() == 0  # empty windows between context and final window
     assert batch.visible.int().tolist() == torch.ones(len(windows) + 1, len(windows) + 1).tril(-1).int().tolist()
+
+
+def test_chat_example_with_follow_up_questions():
+    # the base stage asks several questions about one context: each answer is supervised,
+    # every user turn is not, and the ids are the conversation in the chat template
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    turns = [("Maro Velin was born in Tesk.\n\nWhere was Maro Velin born?", "Tesk"),
+             ("When was Maro Velin born?", "1961"), ("What does Maro Velin do?", "baker")]
+    ids, targets = train.chat_example(tok, *turns[0], follow_ups=turns[1:])
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    assert ids == tok.encode_chat(messages) and len(targets) == len(ids)
+    supervised = [t for t in targets if t != -100]
+    assert supervised == sum((tok.encode(a, bos=False, eos=True) for _, a in turns), [])
+    assert all(t == -100 or ids[i + 1] == t for i, t in enumerate(targets))  # target t predicts token t + 1
+    assert train.chat_example(tok, *turns[0]) == (ids[:len(tok.encode_chat(messages[:2]))],
+                                                  targets[:len(tok.encode_chat(messages[:2]))])
 
 
 # -----------------------------------------------------------------------------
