@@ -1,6 +1,7 @@
 """train.py: task layout, losses, resumption, checkpoints, DDP, bad input."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,18 @@ def test_base_stage_data_resumes_from_a_counter():
 
 # -----------------------------------------------------------------------------
 # SPEC 6: loss on the answer only
+
+
+def test_tiny_base_init():
+    # unit-norm tied embeddings (what let the tiny base copy cities and occupations); 0.02 elsewhere,
+    # residual outputs scaled by 1 / sqrt(2 L)
+    torch.manual_seed(0)
+    model = train.init_tiny_base(train.TINY_BASE).requires_grad_(False)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert abs(float(model.embed_tokens.weight.norm(dim=-1).mean()) - 1.0) < 0.02
+    layer = model.layers[0]
+    assert abs(float(layer.self_attn.q_proj.weight.std()) - 0.02) < 0.002
+    assert abs(float(layer.self_attn.o_proj.weight.std()) - 0.02 / math.sqrt(12)) < 0.0005
 
 
 def test_sft_targets_cover_only_the_answer():
