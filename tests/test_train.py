@@ -315,7 +315,7 @@ def test_ddp_equals_single_process(world, tmp_path):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                "--nproc_per_node", str(procs), str(tmp_path / "ddp.py")],
                               capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         results[procs] = torch.load(out, weights_only=True)
     torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
     for name, w in results[1]["weights"].items():
