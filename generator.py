@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -108,48 +109,120 @@ def randomized_svd(S: torch.Tensor, k: int, niter: int, generator=None):
     return Q @ U, sv, Vh.mT
 
 
+KEEP_RTOL = 1e-5  # a singular value below 1e-5 s_1 is float32 noise: its direction is left out
+
+
+def kept_directions(sv: torch.Tensor, k: int) -> torch.Tensor:
+    """The singular directions N(S) keeps: of the top k, those whose value is not noise.
+
+    sv (..., t) sorted descending -> (..., t) bool. None when S == 0; only rank(S) of them
+    when S has rank below k (a context window of fewer than k tokens)."""
+    top_k = torch.arange(sv.shape[-1], device=sv.device) < k
+    return top_k & (sv > KEEP_RTOL * sv[..., :1])
+
+
+class NormalizedSVD(torch.autograd.Function):
+    """N(S) = U_K V_K^T over the kept directions K, as factors P = U_K (..., d_r, k) and
+    Q = V_K (..., r, k) (zero columns where fewer than k are kept), and the singular values
+    (..., k + 1, or k for the randomised SVD). Its backward is the derivative of N(S) itself.
+
+    Autograd through an SVD divides by s_i^2 - s_j^2 for every pair of singular values, so a
+    window of fewer than k tokens (S of rank below k: zero singular values, which tie) gets a
+    NaN gradient although none of its zero directions is in N(S). N(S) drops the singular
+    values, and its derivative needs no such division. With C = U^T dS V over the t computed
+    directions (the randomised SVD computes k; the others count as singular value 0):
+
+        dN = U Y V^T + (I - U U^T) dS V_K diag(1/s_K) V_K^T + U_K diag(1/s_K) U_K^T dS (I - V V^T)
+        Y_ij = (C_ij - C_ji) / (s_i + s_j)              i and j kept
+        Y_ij = (s_a C_ij + s_b C_ji) / (s_a^2 - s_b^2)  one of them kept (a), the other not (b)
+        Y_ij = 0                                        neither kept
+
+    (write dU = U a, dV = V b with a, b skew, solve C = a diag(s) - diag(s) b + d diag(s) for
+    the pairs). A tie among kept values is harmless: N(S) does not depend on the basis of a
+    repeated singular value. The one singular case left is a kept value tied with a dropped
+    non-zero one (s_k = s_{k+1}), which `guard` catches. The backward assumes the loss depends
+    on P and Q only through N = P Q^T, as generated_delta and the LoRA factors do. The released
+    code differentiates through torch.svd_lowrank's algorithm instead; on S of rank > k it and
+    this backward give different (both finite) gradients for the randomised SVD.
+    """
+
+    @staticmethod
+    def forward(ctx, S, k: int, svd: str, niter: int, generator):
+        if svd == "exact":
+            U, sv, Vh = torch.linalg.svd(S, full_matrices=False)  # t = min(d_r, r) directions
+            V = Vh.mT
+        else:
+            U, sv, V = randomized_svd(S, k, niter, generator)  # t = k directions
+        kept = kept_directions(sv, k)[..., None, :k]
+        ctx.k = k
+        ctx.save_for_backward(U, sv, V)
+        top = sv[..., :k + 1]
+        ctx.mark_non_differentiable(top)
+        return U[..., :k] * kept, V[..., :k] * kept, top
+
+    @staticmethod
+    def backward(ctx, gP, gQ, _):
+        U, sv, V = ctx.saved_tensors  # (..., d_r, t), (..., t), (..., r, t)
+        kept = kept_directions(sv, ctx.k)  # (..., t)
+        pad = (0, sv.shape[-1] - ctx.k)
+        gP = F.pad(gP, pad) * kept[..., None, :]  # (..., d_r, t): (dL/dN) V_K, zero off K
+        gQ = F.pad(gQ, pad) * kept[..., None, :]  # (..., r, t): (dL/dN)^T U_K, zero off K
+        UgP, VgQ = U.mT @ gP, V.mT @ gQ  # (..., t, t)
+        G = torch.where(kept[..., None, :], UgP, VgQ.mT)  # G_ij = u_i^T (dL/dN) v_j, i or j kept
+        si, sj, ki, kj = sv[..., :, None], sv[..., None, :], kept[..., :, None], kept[..., None, :]
+        tiny = torch.finfo(sv.dtype).tiny
+        both = (G - G.mT) / (si + sj).clamp_min(tiny)
+        sa, sb = torch.where(ki, si, sj), torch.where(ki, sj, si)  # the kept one, the other
+        one = (sa * G + sb * G.mT) / torch.where(ki ^ kj, sa * sa - sb * sb, 1.0)
+        Y = torch.where(ki & kj, both, torch.where(ki ^ kj, one, 0.0))  # (..., t, t)
+        inv = torch.where(kept, 1.0 / sv.clamp_min(tiny), 0.0)[..., None, :]  # 1/s_K, 0 off K
+        gS = U @ Y @ V.mT
+        gS = gS + ((gP - U @ UgP) * inv) @ V.mT  # dL/dS along what no computed u spans
+        return gS + U @ ((gQ - V @ VgQ) * inv).mT, None, None, None, None  # ... no computed v
+
+
 def svd_normalize(S: torch.Tensor, config: GeneratorConfig, generator=None):
-    """N(S) = U_k V_k^T as factors P = U_k (..., d_r, k) and Q = V_k (..., r, k), in float32.
+    """N(S) = U_k V_k^T as factors P (..., d_r, k) and Q (..., r, k), in float32 (or float64).
 
     Singular values are dropped, so N(S) has spectral norm 1 and does not depend on the scale
     of S. Directions whose singular value is zero (S = 0, or rank below k) are left out, so a
-    window that sees no context gets no adapter. Also returns the singular values (..., k+1 or
-    k) for the gradient guard. With norm='frobenius' (the ablation): P = S / ||S||_F, Q = I.
+    window that sees no context gets no adapter, and one of fewer than k tokens gets rank(S).
+    Also returns the singular values (..., k+1 or k) for the gradient guard. With
+    norm='frobenius' (the ablation): P = S / ||S||_F, Q = I.
     """
-    S = S.float()
+    S = S.to(torch.promote_types(S.dtype, torch.float32))
     if config.norm == "frobenius":
         P = S / S.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-        Q = torch.eye(config.r, device=S.device).expand(*S.shape[:-2], -1, -1)
+        Q = torch.eye(config.r, device=S.device, dtype=S.dtype).expand(*S.shape[:-2], -1, -1)
         return P, Q, None
-    if config.svd == "exact":
-        U, sv, Vh = torch.linalg.svd(S, full_matrices=False)
-        U, V, sv = U[..., :config.k], Vh[..., :config.k, :].mT, sv[..., :config.k + 1]
-    else:
-        U, sv, V = randomized_svd(S, config.k, config.svd_niter, generator)
-    present = sv[..., :config.k] > 1e-5 * sv[..., :1]  # (..., k); above float32's noise; none when S == 0
-    return U * present[..., None, :], V, sv
+    return NormalizedSVD.apply(S, config.k, config.svd, config.svd_niter, generator)
 
 
-def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None):
-    """SPEC 5, the SVD gradient guard: the backward of an SVD divides by differences of
-    singular values, so a window whose top singular values (nearly) coincide has its adapter
-    dropped for this step (P set to zero) and no gradient through its SVD.
+def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None, k: int):
+    """SPEC 5, the SVD gradient guard: a window whose SVD backward would divide by (nearly)
+    zero has its adapter dropped for this step (P set to zero) and no gradient through its SVD.
 
-    The released rule, with GUARD_GAP for its 1e-7: fire when
-        min_i min(gap_i / (s_1 + 1e-6), gap_i) < GUARD_GAP,   gap_i = s_i - s_{i+1},
-    over the singular values svd_normalize returns. Returns the guarded P and how many windows
-    fired (a tensor: reading it is a host sync, left to the caller's log line). Windows with
-    S == 0 (nothing visible) are dropped too, but not counted.
+    The release fires on any two top singular values within 1e-7 of each other. With
+    NormalizedSVD's backward only one such pair matters: the last kept direction and the first
+    dropped one (s_k and s_{k+1}, when both are above noise). The released test, with GUARD_GAP
+    for its 1e-7, applied to that gap:
+        min(gap / (s_1 + 1e-6), gap) < GUARD_GAP,
+    and a window whose SVD is not finite fires too. Returns the guarded P and how many windows
+    fired (a tensor: reading it is a host sync, left to the caller's log line).
     """
     if sv is None:  # Frobenius normalisation: no SVD to guard
         return P, torch.zeros((), device=P.device)
-    gaps = sv[..., :-1] - sv[..., 1:]
-    separation = torch.minimum(gaps / (sv[..., :1] + 1e-6), gaps).amin(-1)
-    drop = ~(separation >= GUARD_GAP)  # NaN-safe: a NaN gap drops the window
+    rank = kept_directions(sv, k).sum(-1, keepdim=True)  # (..., 1): directions kept
+    has_next = rank < sv.shape[-1]  # a dropped direction was computed
+    last = sv.gather(-1, (rank - 1).clamp_min(0))
+    following = sv.gather(-1, rank.clamp_max(sv.shape[-1] - 1))
+    gap = last - following
+    separation = torch.minimum(gap / (sv[..., :1] + 1e-6), gap)
+    tied = has_next & (rank > 0) & (separation < GUARD_GAP)
+    drop = (tied | ~torch.isfinite(sv).all(-1, keepdim=True))[..., 0]
     if S.requires_grad:  # cleans the SVD's backward output before it reaches S
         S.register_hook(lambda grad: grad.masked_fill(drop[..., None, None], 0.0))
-    fired = (drop & (sv[..., 0] > 0)).sum()
-    return P.masked_fill(drop[..., None, None], 0.0), fired
+    return P.masked_fill(drop[..., None, None], 0.0), drop.sum()
 
 
 # -----------------------------------------------------------------------------
@@ -307,7 +380,7 @@ class AdapterGenerator(nn.Module):
             KV = torch.stack([g.context_outer(h, pad_mask, layer) for g in self.mods.values()])
             S = torch.einsum("vu,mnuij->mnvij", visible.float(), KV)  # S_i = sum_{j visible} K_j^T V_j
             P, Q, sv = svd_normalize(S, self.config)  # one SVD per window: (M, N, W, d_r, k)
-            P, count = guard(S, P, sv)
+            P, count = guard(S, P, sv, self.config.k)
             fired.append(count)
             return {m: (lambda x, g=g, P=P[i], Q=Q[i]: generated_delta(
                         x.view(N, W, w, -1), g.A1[layer], P, Q, g.B[layer], self.config.scale
