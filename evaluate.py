@@ -19,6 +19,7 @@ printed at the end). Reruns give the same predictions and metrics (fixed seeds, 
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -228,6 +229,7 @@ class Unit:
     key: dict  # where the unit belongs in the tables, e.g. {"context_length": 512}
     demos: list[tuple[str, str]] = field(default_factory=list)  # MetaICL: (input, output)
     options: list[str] = field(default_factory=list)  # MetaICL classification labels
+    candidates: list[list[str]] = field(default_factory=list)  # StreamingQA: per query, gold first
 
 
 def group_documents(documents: list[str], lengths: list[int], budget: int) -> list[list[int]]:
@@ -249,6 +251,7 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
     records = read_streamingqa(path)
     documents = list(dict.fromkeys(r.document for r in records))
     lengths = [len(tokenizer.encode("\n\n" + d, bos=False)) for d in documents]
+    alike = same_kind_answers(records)
     units = []
     for budget in context_lengths:
         asked = 0
@@ -257,9 +260,29 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
             qa = [r for r in records if r.document in docs][:max(0, limit - asked)]
             if qa:
                 units.append(Unit("\n\n".join(documents[i] for i in group), [r.question for r in qa],
-                                  [r.answers for r in qa], {"context_length": budget}))
+                                  [r.answers for r in qa], {"context_length": budget},
+                                  candidates=[alike(r) for r in qa]))
             asked += len(qa)
     return units
+
+
+RANK_CANDIDATES = 16  # the gold and up to 15 other answers of the same kind
+
+
+def same_kind_answers(records) -> callable:
+    """record -> [its first gold, then up to 15 first golds of other questions of the same kind]
+    (a question's kind: its first two words, and whether the answer is a number: other cities
+    for a birthplace question, other years for a year). Fixed per record, whatever the budget."""
+    kind = lambda r: (" ".join(r.question.split()[:2]).lower(), r.answers[0].isdigit())
+    by_kind = {}
+    for r in records:
+        by_kind.setdefault(kind(r), set()).add(r.answers[0])
+
+    def candidates(r) -> list[str]:
+        others = sorted(by_kind[kind(r)] - {r.answers[0]})
+        rng = random.Random(f"{r.question}/{r.answers[0]}")
+        return [r.answers[0], *rng.sample(others, min(RANK_CANDIDATES - 1, len(others)))]
+    return candidates
 
 
 def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], limit: int) -> list[Unit]:
@@ -333,6 +356,31 @@ def answer(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], s
     return texts, tokens, flops
 
 
+def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
+               candidates: list[list[str]], adapter=None) -> list[dict]:
+    """A finer signal than F1: where the gold's log-probability ranks among answers of the same
+    kind after each prompt. Per query: gold_rank, 0 when the gold is first and 1 when last
+    (0.5 on average when the model knows nothing of which entity it is), and gold_top1."""
+    device, L = model.lm_head.weight.device, model.args.max_seq_len
+    ranks = []
+    for prompt, answers in zip(prompts, candidates):
+        if len(answers) < 2:
+            ranks.append({})
+            continue
+        ids = [tokenizer.encode(a, bos=False) for a in answers]
+        rows = [(prompt + a)[-L:] for a in ids]
+        tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        targets = torch.full_like(tokens, -100)  # each answer's tokens where they are predicted
+        for i, (row, a) in enumerate(zip(rows, ids)):
+            tokens[i, :len(row)] = torch.tensor(row)
+            targets[i, len(row) - len(a) - 1:len(row) - 1] = torch.tensor(a)
+        logits = model(tokens.to(device), adapter=adapter).float()
+        logp = -F.cross_entropy(logits.mT, targets.to(device), ignore_index=-100, reduction="none").sum(1)
+        above = int((logp[1:] > logp[0]).sum())
+        ranks.append({"gold_rank": above / (len(answers) - 1), "gold_top1": float(above == 0)})
+    return ranks
+
+
 def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings: Settings) -> tuple[LoRA, int]:
     """Test-time fine-tuning: a rank-r LoRA on every linear module of every layer, trained with
     AdamW for a few epochs. On documents: next-token loss on the context in windows of the
@@ -370,32 +418,29 @@ def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings
 def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer,
                generator: AdapterGenerator | None, settings: Settings) -> dict:
     """Answers a unit's queries with one method -> predictions, tokens, FLOPs, storage."""
-    args, extra_tokens, extra_flops, storage = model.args, 0, 0, None
-    if method == "closed_book":
-        texts, tokens, flops = answer(model, tokenizer, [query_prompt(tokenizer, q) for q in unit.queries], settings)
-    elif method in ("prompt", "rag"):
+    args, extra_tokens, extra_flops, storage, adapter = model.args, 0, 0, None, None
+    scope = contextlib.nullcontext()
+    prompts = [query_prompt(tokenizer, q) for q in unit.queries]
+    if method in ("prompt", "rag"):
         budget = args.max_seq_len - settings.max_new_tokens
         contexts = [unit.context if method == "prompt" else best_chunk(q, unit.context) for q in unit.queries]
         prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
-        texts, tokens, flops = answer(model, tokenizer, prompts, settings)
         if method == "prompt":
             storage = kv_cache_floats(args, len(context_ids(tokenizer, unit.context)))
     elif method == "finetune":
-        lora, extra_flops = finetune_lora(model, tokenizer, unit, settings)
-        texts, tokens, flops = answer(model, tokenizer, [query_prompt(tokenizer, q) for q in unit.queries],
-                                      settings, adapter=lora)
-        storage = lora_floats(lora)
-    else:  # adapter: SPEC 7
+        adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
+        storage = lora_floats(adapter)
+    elif method == "adapter":  # SPEC 7
         ids = context_ids(tokenizer, unit.context)
-        state = generator.contextualize(model, ids)
-        lora = generator.lora(state)
+        lora = generator.lora(generator.contextualize(model, ids))
         extra_tokens = len(ids)
-        windows = [len(w) for w in split_windows(ids, generator.config.window)]
-        extra_flops = ingestion_flops(args, generator, windows)
-        with merged(model, lora):
-            texts, tokens, flops = answer(model, tokenizer, [query_prompt(tokenizer, q) for q in unit.queries], settings)
+        extra_flops = ingestion_flops(args, generator, [len(w) for w in split_windows(ids, generator.config.window)])
         storage = lora_floats(lora)
-    return {"predictions": texts, "tokens": tokens + extra_tokens, "flops": flops + extra_flops,
+        scope = merged(model, lora)
+    with scope:
+        texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
+        ranks = gold_ranks(model, tokenizer, prompts, unit.candidates, adapter) if unit.candidates else []
+    return {"predictions": texts, "ranks": ranks, "tokens": tokens + extra_tokens, "flops": flops + extra_flops,
             "query_flops": flops / len(unit.queries), "storage_floats": storage}
 
 
@@ -403,11 +448,12 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
 # Scoring and tables
 
 
-def score_unit(unit: Unit, predictions: list[str]) -> list[dict]:
-    """Per-query scores: QA metrics, or MetaICL's case-insensitive exact match."""
+def score_unit(unit: Unit, predictions: list[str], ranks: list[dict]) -> list[dict]:
+    """Per-query scores: QA metrics (with the gold's rank where there are candidates), or
+    MetaICL's case-insensitive exact match."""
     if unit.demos:
         return [{"accuracy": float(p.strip().lower() == g[0].strip().lower())} for p, g in zip(predictions, unit.golds)]
-    return [qa_scores(p, g) for p, g in zip(predictions, unit.golds)]
+    return [{**qa_scores(p, g), **r} for p, g, r in zip(predictions, unit.golds, ranks or [{}] * len(predictions))]
 
 
 def mean(values) -> float:
@@ -424,7 +470,8 @@ def summarize(task: str, method: str, units: list[Unit], outputs: list[dict], wa
              "storage_floats": mean(o["storage_floats"] for o in outputs) if outputs[0]["storage_floats"] is not None else None,
              "wall_s": wall, "peak_mb": peak}
     if task != "metaicl":
-        return [{"method": method, **units[0].key, **{k: mean(s[k] for s in scores) for k in scores[0]}, **costs}]
+        keys = dict.fromkeys(k for s in scores for k in s)
+        return [{"method": method, **units[0].key, **{k: mean(s[k] for s in scores if k in s) for k in keys}, **costs}]
     rows = []  # per task: accuracy (and macro-F1) averaged over seeds
     for name in dict.fromkeys(u.key["task"] for u in units):
         mine = [(u, o) for u, o in zip(units, outputs) if u.key["task"] == name]
@@ -459,7 +506,10 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
     if task == "streamingqa":
         parts = [table(m, "context_length", f"{name} by context length (tokens)")
                  for m, name in (("f1", "F1"), ("em", "EM"), ("rouge_l", "ROUGE-L recall"),
-                                 ("f1_shortest", "F1 vs shortest answer"))]
+                                 ("f1_shortest", "F1 vs shortest answer"),
+                                 ("gold_top1", "gold answer first among 16 of its kind (%)"))]
+        parts.append(table("gold_rank", "context_length", "gold answer's normalised rank among 16 of "
+                           "its kind (0 = always first, 0.5 = no information)", "{:.3f}", 1.0))
         column = "context_length"
     elif task == "metaicl":
         summary = lambda r: r["task"] == "all"
@@ -563,7 +613,7 @@ def main(argv=None) -> dict:
                     for unit in tqdm(group, desc=f"{method}" + (f" {column}={value}" if column else ""),
                                      unit="context", leave=False):
                         result = run_method(method, unit, model, tokenizer, generator, settings)
-                        result["scores"] = score_unit(unit, result["predictions"])
+                        result["scores"] = score_unit(unit, result["predictions"], result.pop("ranks"))
                         outputs.append(result)
                         for q, p, g, s in zip(unit.queries, result["predictions"], unit.golds, result["scores"]):
                             predictions.write(json.dumps({**unit.key, "query": q, "prediction": p,

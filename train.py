@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.make_world import FreshWorlds
-from data.readers import iter_texts, read_instructions
+from data.make_world import FreshWorlds, Ladder
+from data.readers import Instruction, iter_texts, read_instructions
 from generator import AdapterGenerator, GeneratorConfig, split_windows
 from model import ModelArgs, Tokenizer, Transformer, atomic_write, generate, load
 
@@ -62,6 +62,7 @@ class TrainConfig:
     val_data: list[str] = field(default_factory=list)  # validation files / directories
     out: str = "runs/pretrain"  # run directory: checkpoint/ and log.jsonl
     init: str = ""  # sft: the pretrained generator to start from
+    curriculum: list[str] = field(default_factory=list)  # sft: "rung:steps" phases (Ladder); else --data
     resume: bool = False  # continue the run in --out exactly where it stopped
     # the generator (SPEC 1, 3)
     target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
@@ -103,8 +104,9 @@ TINY_PRESETS = {
     "sft": dict(data=[str(WORLD / "instructions_train.jsonl.gz")],
                 val_data=[str(WORLD / "instructions_validation.jsonl")], out="runs/sft",
                 init="runs/pretrain/checkpoint", lr=1e-3, warmup=30, epochs=0,
-                steps=600, batch_size=16, micro_batch=16, eval_interval=200, eval_batches=4,
-                log_interval=5, ckpt_interval=200),
+                curriculum=["fact:1500", "people:1500", "documents:900", "streams:900"],
+                batch_size=16, micro_batch=16, eval_interval=300, eval_batches=4,
+                log_interval=5, ckpt_interval=300),
     "base": dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
                  out=str(TINY), lr=1.5e-3, warmup=100, steps=3400, batch_size=16, micro_batch=16,
                  weight_decay=0.1, eval_interval=400, eval_batches=8, log_interval=10,
@@ -125,6 +127,11 @@ HELP = {
     "val_data": "validation files, same format as --data",
     "out": "run directory; checkpoint/ and log.jsonl go there",
     "init": "sft: directory of the pretrained generator to start from",
+    "curriculum": "sft: phases RUNG:STEPS, comma separated, climbed in order: each trains on records "
+                  "of one rung of data/make_world.py's Ladder (fact, people, documents, streams) about "
+                  "the bundled world's train people, validates on its validation people, and restarts "
+                  "the learning-rate schedule; the steps add up to --steps. Giving --data without "
+                  "--curriculum trains on --data instead",
     "resume": "continue the run in --out from its checkpoint, bit for bit",
     "target_modules": "linear modules that receive an adapter (q_proj ... down_proj)",
     "d_r": "generator width d_r (A1, A2 output)", "r": "generator width r (A3 output, B input)",
@@ -169,15 +176,29 @@ def parse_args(argv=None) -> TrainConfig:
     if stage not in TINY_PRESETS:
         parser.error(f"--stage {stage}: expected one of {list(TINY_PRESETS)}")
     preset = TINY_PRESETS[stage] if "base" not in given else (SFT_RELEASED if stage == "sft" else {})
-    for name in ("target_modules", "tasks"):
+    for name in ("target_modules", "tasks", "curriculum"):
         if name in given:
             given[name] = given[name].split(",")
+    if "data" in given and "curriculum" not in given:
+        preset = {k: v for k, v in preset.items() if k != "curriculum"}  # --data replaces the ladder
     config = TrainConfig(**{**asdict(defaults), **preset, **given})
+    if config.curriculum:
+        if stage != "sft" or "epochs" in given:
+            parser.error("--curriculum is a schedule of --stage sft steps; it takes no --epochs")
+        config.epochs = 0  # the released SFT's epochs give way to the phases' steps
+        try:
+            phases = curriculum_phases(config.curriculum)
+        except ValueError as e:
+            parser.error(f"--curriculum {','.join(config.curriculum)}: {e}")
+        total = sum(steps for _, steps in phases)
+        if "steps" in given and config.steps != total:
+            parser.error(f"--steps {config.steps}: the --curriculum phases add up to {total} steps")
+        config.steps = total
     if stage == "base" and ("base" in given or "data" in given):
         parser.error("--stage base trains the tiny default base on fresh worlds (data/make_world.py); "
                      "it takes no --base or --data")
-    if stage != "base" and "base" in given and not config.data:
-        parser.error("--data is required with --base")
+    if stage != "base" and "base" in given and not config.data and not config.curriculum:
+        parser.error("--data (or, for sft, --curriculum) is required with --base")
     unknown = set(config.tasks) - set(TASKS)
     if unknown or not config.tasks:
         parser.error(f"--tasks {','.join(config.tasks)}: expected completion and/or reconstruction")
@@ -455,6 +476,45 @@ class RecordBatches:
         self.epoch, self.position, self.order = state["epoch"], state["position"], None
 
 
+class CurriculumBatches:
+    """The sft micro-batches of a --curriculum. When phase i starts, it makes steps_i x batch_size
+    records of its Ladder rung (record j a function of the seed and j) and serves them through
+    RecordBatches; the state is the number of micro-batches drawn and that phase's position."""
+
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, w: int, accum: int, rank=0, world=1):
+        self.config, self.tokenizer, self.w, self.accum, self.rank, self.world = config, tokenizer, w, accum, rank, world
+        self.ladder, self.drawn, self.phase, self.batches = Ladder(), 0, None, None
+
+    def examples(self, phase: int, split: str, n: int) -> list:
+        """SFT examples of the first n records of a phase's rung that fit (split: train or validation)."""
+        rung = curriculum_phases(self.config.curriculum)[phase][0]
+        records = (Instruction(**self.ladder.record(rung, split, f"{self.config.seed}/{j}")) for j in range(n))
+        return [e for e in (sft_example(self.tokenizer, r, self.w) for r in records) if e is not None]
+
+    def _enter(self, phase: int) -> None:
+        steps = curriculum_phases(self.config.curriculum)[phase][1]
+        examples = self.examples(phase, "train", steps * self.config.batch_size)
+        self.phase, self.batches = phase, RecordBatches(examples, self.config.seed, sft_batch, self.rank,
+                                                        self.world, sft_size, self.config.micro_batch)
+
+    def next(self, n: int) -> Batch:
+        phase = phase_at(self.drawn // self.accum, self.config)[0]
+        if phase != self.phase:
+            self._enter(phase)
+        self.drawn += 1
+        return self.batches.next(n)
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "phase": self.phase,
+                "batches": self.batches.state_dict() if self.batches else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn, self.phase, self.batches = state["drawn"], None, None
+        if state["phase"] is not None:
+            self._enter(state["phase"])
+            self.batches.load_state_dict(state["batches"])
+
+
 class FreshSource:
     """The base stage's endless training data: text windows and instruction examples
     about worlds invented on the spot (data/make_world.FreshWorlds); draw i of rank r is a
@@ -568,11 +628,34 @@ def make_optimizer(module: torch.nn.Module, config: TrainConfig):
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def curriculum_phases(curriculum: list[str]) -> list[tuple[str, int]]:
+    """["fact:1500", ...] -> [("fact", 1500), ...]; ValueError naming what is wrong."""
+    phases = []
+    for phase in curriculum:
+        rung, _, steps = phase.partition(":")
+        if rung not in Ladder.RUNGS or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"'{phase}' is not RUNG:STEPS with RUNG in {list(Ladder.RUNGS)} and STEPS > 0")
+        phases.append((rung, int(steps)))
+    return phases
+
+
+def phase_at(step: int, config: TrainConfig) -> tuple[int, int, int]:
+    """The curriculum phase that optimiser step `step` (0-based) belongs to: (index, first step,
+    length); one phase of all the steps without a curriculum."""
+    phases, start = curriculum_phases(config.curriculum) or [("", config.steps)], 0
+    for i, (_, steps) in enumerate(phases):
+        if step < start + steps or i == len(phases) - 1:
+            return i, start, steps
+        start += steps
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    """Linear warm-up, then cosine decay to a tenth of the peak; anew in each curriculum phase."""
+    _, start, length = phase_at(step, config)
+    step -= start
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+    progress = min(1.0, (step - config.warmup) / max(1, length - config.warmup))
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
@@ -720,7 +803,8 @@ def init_tiny_base(args: ModelArgs) -> Transformer:
 @dataclass
 class Run:
     """What a stage trains: the module (unwrapped), its DDP wrapper when distributed, the
-    forward over a batch, the batch sources, the frozen base, the tokenizer, the task names."""
+    forward over a batch, the training batch source and the validation one (a function of the
+    curriculum phase), the frozen base, the tokenizer, the task names."""
     module: torch.nn.Module
     ddp: DDP | None
     forward: object
@@ -738,23 +822,30 @@ def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base, tokenizer = load(config.base, device, dtype)
     base.checkpointing = device.type == "cuda"  # recompute the base's layers in backward
+    torch.manual_seed(config.seed)  # the generator's initialisation and the randomised SVDs' draws
     if config.stage == "pretrain":
-        torch.manual_seed(config.seed)
         generator = AdapterGenerator(base.args, generator_config(config)).to(device)
         length = config.windows * config.window
         train = PretrainBatches(TextStream(config.data, tokenizer, length, config.window, rank, world),
                                 config, config.seed + rank)
-        val = PretrainBatches(TextStream(config.val_data, tokenizer, length, config.window), config, 12345)
+        val = lambda phase: PretrainBatches(TextStream(config.val_data, tokenizer, length, config.window),
+                                            config, 12345)
     else:
         if not config.init:
             raise ValueError("--stage sft needs --init, the pretrained generator's directory")
         generator = AdapterGenerator.load(config.init, base.args, device)
-        examples, skipped = load_sft_examples(config.data, tokenizer, generator.config.window)
-        if skipped and rank == 0:
-            print(f"sft: skipped {skipped} records whose prompt and answer exceed one window")
-        train = RecordBatches(examples, config.seed, sft_batch, rank, world, sft_size, config.micro_batch)
-        val = RecordBatches(load_sft_examples(config.val_data, tokenizer, generator.config.window)[0],
-                            0, sft_batch)
+        w = generator.config.window
+        if config.curriculum:
+            train = CurriculumBatches(config, tokenizer, w, config.batch_size // (config.micro_batch * world),
+                                      rank, world)
+            n_val = config.eval_batches * config.micro_batch
+            val = lambda phase: RecordBatches(train.examples(phase, "validation", n_val), 0, sft_batch)
+        else:
+            examples, skipped = load_sft_examples(config.data, tokenizer, w)
+            if skipped and rank == 0:
+                print(f"sft: skipped {skipped} records whose prompt and answer exceed one window")
+            train = RecordBatches(examples, config.seed, sft_batch, rank, world, sft_size, config.micro_batch)
+            val = lambda phase: RecordBatches(load_sft_examples(config.val_data, tokenizer, w)[0], 0, sft_batch)
     ddp = DDP(generator, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
     trained = ddp or generator
 
@@ -778,7 +869,7 @@ def build_base(config: TrainConfig, rank: int, world: int, device: torch.device)
     examples = [chat_example(tokenizer, user_turn(r.prompt, r.context), r.answer)
                 for path in records for r in read_instructions(path)]
     fitting = [e for e in examples if len(e[0]) <= L]
-    val = BaseBatches(TextStream(texts, tokenizer, L, 1), RecordBatches(fitting, 0, None), L)
+    val = lambda phase: BaseBatches(TextStream(texts, tokenizer, L, 1), RecordBatches(fitting, 0, None), L)
     ddp = DDP(model) if world > 1 else None
     trained = ddp or model
 
@@ -809,7 +900,7 @@ def main(argv=None) -> Path:
     step = 0
     if config.resume:
         step = resume(out, config, run, optimizer, rank, world, device)
-    val_batches = [run.val.next(config.micro_batch).to(device) for _ in range(config.eval_batches)]
+    val_phase, val_batches = None, None
     per_task = config.stage == "base"
     if rank == 0:
         print(f"{config.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, "
@@ -828,6 +919,10 @@ def main(argv=None) -> Path:
                                 tokens_seen / (time.time() - started), world, rank, bar)
         bar.update(1)
         if step % config.eval_interval == 0 or step == config.steps:
+            phase = phase_at(step - 1, config)[0]
+            if phase != val_phase:
+                val_phase, val_batches = phase, [run.val(phase).next(config.micro_batch).to(device)
+                                                 for _ in range(config.eval_batches)]
             validate(run, val_batches, config, rank, step, out)
         if step % config.ckpt_interval == 0 or step == config.steps:
             write_checkpoint(out, config, run, optimizer, step, rank, world)
@@ -879,6 +974,8 @@ def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int, o
         tqdm.write(f"step {step}: validation perplexity " + ", ".join(
             f"{name} {adapted[name]:.2f} with adapter / {alone[name]:.2f} base alone" for name in adapted))
         record = {"ppl_with_adapter": adapted, "ppl_base_alone": alone}
+        if config.curriculum:
+            record["phase"] = curriculum_phases(config.curriculum)[phase_at(step - 1, config)[0]][0]
     with open(out / "validation.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **record}) + "\n")
 

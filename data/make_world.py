@@ -28,7 +28,7 @@ import io
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -879,6 +879,67 @@ def instruction_records(world: World, split_name: str, n: int, users: list, seed
     records += [fewshot_instruction(rng.choice(train_tasks), split, rng) for _ in range(n - len(records))]
     rng.shuffle(records)
     return records
+
+
+# -----------------------------------------------------------------------------
+# The ladder: instruction records of rising difficulty, for the generator's instruction tuning
+
+LADDER_FACTS = ("birth_city", "birth_year", "job", "employer")  # what rungs "fact" and "people" state
+
+
+class Ladder:
+    """Endless (context, prompt, answer) records about the committed world's people, in rungs of
+    rising difficulty (train.py's --curriculum climbs them in order):
+
+      fact       one fact of one person in one sentence ("Maro Velin was born in Tesk.");
+      people     1-4 people with 1-3 facts each, one sentence per fact, shuffled;
+      documents  1-3 documents with distractors, as in instructions_train (qa_instruction);
+      streams    4-16 documents (about 250-1000 tokens, several windows), a question on any one.
+
+    In "fact" and "people" the values are drawn at random for each record (a person's birthplace
+    differs between records), so the answer can only come from the context. Names come from the
+    split asked for: train records name train entities only, validation records validation ones.
+    A share `replay` of each rung's records are drawn from the rungs below it, so that they are
+    not forgotten. Record i of a rung is a function of (rung, split, key).
+    """
+
+    RUNGS = ("fact", "people", "documents", "streams")
+
+    def __init__(self, config: WorldConfig = WorldConfig(), replay: float = 0.25):
+        self.world, self.replay = build_world(config), replay
+
+    def record(self, rung: str, split_name: str, key: str) -> dict:
+        if rung not in self.RUNGS:
+            raise ValueError(f"ladder rung '{rung}': expected one of {list(self.RUNGS)}")
+        rng = random.Random(f"ladder/{rung}/{split_name}/{key}")
+        below = self.RUNGS[:self.RUNGS.index(rung)]
+        if below and rng.random() < self.replay:
+            rung = rng.choice(below)
+        split = self.world.splits[split_name]
+        if rung in ("fact", "people"):
+            return self._facts(split, rng, people=1 if rung == "fact" else rng.randint(1, 4),
+                               facts=1 if rung == "fact" else None)
+        documents = documents_about(self.world, split, rng.randint(1, 3) if rung == "documents"
+                                    else rng.randint(4, 16), rng)
+        phrasings, answers = rng.choice(rng.choice(documents).questions)
+        return {"context": "\n\n".join(d.text for d in documents), "prompt": rng.choice(phrasings),
+                "answer": answers[0]}
+
+    def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> dict:
+        """Sentences stating random facts of `people` people (`facts` each, or 1-3), and a
+        question about one of them."""
+        cities = list(self.world.cities)
+        sentences, questions = [], []
+        for person in rng.sample(split.people, people):
+            person = replace(person, birth_city=rng.choice(cities), birth_year=rng.randint(1920, 2005),
+                             job=rng.choice(JOBS), employer=rng.choice(split.organisations).name)
+            slots = {**fact_slots(self.world, person), **subject_slots(person, by_name=True)}
+            stated = rng.sample(LADDER_FACTS, facts or rng.randint(1, 3))
+            sentences += [rng.choice(PERSON_SENTENCES[(r,)]).format(**slots) for r in stated]
+            questions += [facts_of(self.world, person)[r] for r in stated]
+        rng.shuffle(sentences)
+        phrasings, answers = rng.choice(questions)
+        return {"context": " ".join(sentences), "prompt": rng.choice(phrasings), "answer": answers[0]}
 
 
 # -----------------------------------------------------------------------------

@@ -187,6 +187,33 @@ def test_fresh_worlds_for_the_base_name_nothing_of_the_files():
     assert len(words_in(drawn) - words_in(split_words("train"))) > 100  # new names all the time
 
 
+def test_ladder_rungs():
+    ladder = make_world.Ladder()
+    entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]
+    records = {(rung, split): [ladder.record(rung, split, str(i)) for i in range(120)]
+               for rung in ladder.RUNGS for split in ("train", "validation")}
+    for (rung, split), rows in records.items():
+        assert all(r["answer"] in r["context"] for r in rows), rung  # answerable from the context alone
+        others = set().union(*(set(entities[s]["name_words"]) for s in make_world.SPLITS if s != split))
+        assert not words_in(r["context"] + " " + r["prompt"] for r in rows) & others, (rung, split)
+    fact = records["fact", "train"]
+    assert all(r["context"].count(". ") == 0 for r in fact)  # one sentence
+    assert ladder.record("people", "train", "3") == make_world.Ladder().record("people", "train", "3")
+    # only the context holds the values: they are drawn anew, not the person's facts in the world
+    asked = [r for r in fact if r["prompt"].startswith("Where was ")]
+    true = [ladder.world.people[r["prompt"].removeprefix("Where was ").removesuffix(" born?")].birth_city
+            for r in asked]
+    assert len(asked) > 5 and sum(t == r["answer"] for t, r in zip(true, asked)) < len(asked) / 3
+    words = {rung: sum(len(r["context"].split()) for r in records[rung, "train"]) / 120 for rung in ladder.RUNGS}
+    assert words["fact"] < words["people"] < words["documents"] < words["streams"]
+    assert words["streams"] > 250  # several 64-token windows
+    # a quarter of a rung's records replay the rungs below it
+    replayed = sum(len(r["context"].split()) < 60 for r in records["streams", "train"]) / 120
+    assert 0.1 < replayed < 0.4
+    with pytest.raises(ValueError, match="ladder rung 'essays': expected one of"):
+        ladder.record("essays", "train", "0")
+
+
 # -----------------------------------------------------------------------------
 # Reader errors
 

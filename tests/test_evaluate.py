@@ -142,12 +142,39 @@ def test_every_task_and_method_end_to_end(tiny, task):
         rows = {(r["method"], r["context_length"]): r for r in results["rows"]}
         assert rows["prompt", 300]["storage_floats"] > rows["prompt", 64]["storage_floats"]
         assert rows["adapter", 300]["storage_floats"] == rows["adapter", 64]["storage_floats"]  # fixed size
-        assert all(0 <= r["f1"] <= 1 for r in rows.values())
+        assert all(0 <= r["f1"] <= 1 and 0 <= r["gold_rank"] <= 1 for r in rows.values())
+        assert "gold answer's normalised rank" in (out / "results.md").read_text()
     if task == "msc":  # a row per method, a column per metric
         assert "| method | F1 | EM | ROUGE-L recall |" in (out / "results.md").read_text()
     if task == "metaicl":
         summary = [r for r in results["rows"] if r["task"] == "all"]
         assert {r["shots"] for r in summary} == {1, 2} and all("classification_accuracy" in r for r in summary)
+
+
+def test_gold_rank_equals_scoring_each_answer_alone(tiny):
+    model, tokenizer = evaluate.load(tiny / "base", "cpu")
+    prompts = [evaluate.query_prompt(tokenizer, q) for q in ("Where was Maro Velin born?", "When?")]
+    candidates = [["Tesk", "Brohoum", "Vaihen 2", "Gofom"], ["1984", "2001", "1962"]]
+    ranks = evaluate.gold_ranks(model, tokenizer, prompts, candidates)
+    for prompt, answers, rank in zip(prompts, candidates, ranks):
+        logp = []
+        for a in answers:  # one unpadded sequence per answer
+            ids = tokenizer.encode(a, bos=False)
+            lp = model(torch.tensor([prompt + ids]))[0].log_softmax(-1)
+            logp.append(sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)))
+        above = sum(x > logp[0] for x in logp[1:])
+        assert rank == {"gold_rank": above / (len(answers) - 1), "gold_top1": float(above == 0)}
+
+
+def test_same_kind_answers():
+    records = evaluate.read_streamingqa(WORLD / "streamingqa_test.csv")
+    alike = evaluate.same_kind_answers(records)
+    for r in records[:40]:
+        answers = alike(r)
+        assert answers[0] == r.answers[0] and len(set(answers)) == len(answers) <= evaluate.RANK_CANDIDATES
+        assert all(a.isdigit() == r.answers[0].isdigit() for a in answers)
+        assert answers == alike(r)  # fixed per question
+    assert sum(len(alike(r)) == evaluate.RANK_CANDIDATES for r in records) > len(records) / 2
 
 
 def test_reruns_are_identical(tiny):

@@ -195,6 +195,62 @@ def test_sft_batches_bucket_by_size_and_resume():
         train.RecordBatches([], 0, train.sft_batch)  # rather than loop forever looking for one
 
 
+def test_curriculum_phases_and_learning_rate():
+    config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,streams:20", "--warmup", "2"])
+    assert config.steps == 30 and config.curriculum == ["fact:10", "streams:20"]
+    assert [train.phase_at(s, config) for s in (0, 9, 10, 29, 35)] == [(0, 0, 10), (0, 0, 10), (1, 10, 20),
+                                                                     (1, 10, 20), (1, 10, 20)]
+    lr = [train.learning_rate(s, config) for s in range(30)]
+    assert lr[10:12] == lr[0:2] and lr[1] == config.lr  # warm-up again at the new phase
+    assert lr[9] < 0.2 * config.lr and lr[29] < 0.2 * config.lr  # cosine decay within each phase
+    plain = train.parse_args(["--stage", "sft", "--data", "x.jsonl"])  # --data replaces the preset's ladder
+    assert plain.curriculum == [] and train.phase_at(5, plain) == (0, 0, plain.steps)
+    assert train.parse_args(["--stage", "sft"]).curriculum == train.TINY_PRESETS["sft"]["curriculum"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--curriculum", "fact:10,novels:5"], "'novels:5' is not RUNG:STEPS"),
+    (["--curriculum", "fact:0"], "'fact:0' is not RUNG:STEPS"),
+    (["--curriculum", "fact:10", "--steps", "20"], "the --curriculum phases add up to 10 steps"),
+    (["--curriculum", "fact:10", "--epochs", "2"], "takes no --epochs"),
+])
+def test_curriculum_flag_errors(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "sft", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_curriculum_run_resumes_bit_identically(world, tmp_path, monkeypatch):
+    """Two phases of ladder records (fact, then people), interrupted in the second phase."""
+    train.main(args(world, tmp_path / "pre", "--steps", "1", "--window", "32", "--d_r", "32", "--r", "32",
+                    "--k", "24"))
+    sft = lambda out, *extra: ["--stage", "sft", "--base", str(world / "base"), "--out", str(out),
+                               "--init", str(tmp_path / "pre" / "checkpoint"), "--curriculum", "fact:3,people:3",
+                               "--batch_size", "4", "--micro_batch", "2", "--eval_interval", "3",
+                               "--eval_batches", "1", "--log_interval", "1", "--ckpt_interval", "4",
+                               "--warmup", "1", "--device", "cpu", *extra]
+    train.main(sft(tmp_path / "straight"))
+    real_log = train.log_step
+
+    def interrupt(out, step, *a, **kw):
+        record = real_log(out, step, *a, **kw)
+        if step == 5:
+            raise KeyboardInterrupt
+        return record
+
+    monkeypatch.setattr(train, "log_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(sft(tmp_path / "resumed"))
+    monkeypatch.setattr(train, "log_step", real_log)
+    train.main(sft(tmp_path / "resumed", "--resume"))
+    keep = ("step", "loss", "lr", "grad_norm", "svd_guard_fired")
+    straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
+    assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
+    assert all(r["svd_guard_fired"] == 0 for r in straight)  # though most fact contexts are under k tokens
+    validation = [json.loads(x) for x in (tmp_path / "straight" / "validation.jsonl").read_text().splitlines()]
+    assert [(v["step"], v["phase"]) for v in validation] == [(3, "fact"), (6, "people")]
+
+
 def test_a_few_steps_lower_the_loss(world, tmp_path):
     train.main(args(world, tmp_path, "--steps", "12", "--lr", "1e-2"))
     losses = [line["loss"] for line in log(tmp_path)]
