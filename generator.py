@@ -361,7 +361,7 @@ class AdapterGenerator(nn.Module):
     # --- SPEC 4: the parallel training forward ------------------------------------------
 
     def forward(self, model: Transformer, tokens: torch.Tensor, pad_mask: torch.Tensor,
-                visible: torch.Tensor):
+                visible: torch.Tensor, logits_at: torch.Tensor | None = None):
         """All windows of a batch at once, computing what SPEC 3's streaming loop computes.
 
         Args:
@@ -369,8 +369,10 @@ class AdapterGenerator(nn.Module):
             pad_mask: (N, W, w) bool, False on (right) padding.
             visible: (W, W) bool; visible[i, j]: window i uses the context of window j.
                 Default layout: strictly earlier windows (lower triangle without diagonal).
+            logits_at: (N, W, w) bool: compute logits only there (see Transformer.forward).
         Returns:
-            logits (N, W, w, vocab) and the number of windows the SVD guard dropped.
+            logits (N, W, w, vocab), or (n, vocab) with logits_at, and the number of windows
+            the SVD guard dropped.
         """
         N, W, w = tokens.shape
         fired = []
@@ -386,8 +388,10 @@ class AdapterGenerator(nn.Module):
                         x.view(N, W, w, -1), g.A1[layer], P, Q, g.B[layer], self.config.scale
                     ).view(N * W, w, -1)) for i, (m, g) in enumerate(self.mods.items())}
 
-        logits = model(tokens.view(N * W, w), adapter=adapter)
-        return logits.view(N, W, w, -1), torch.stack(fired).sum()
+        if logits_at is not None:
+            return model(tokens.view(N * W, w), adapter=adapter, logits_at=logits_at.view(N * W, w)), \
+                torch.stack(fired).sum()
+        return model(tokens.view(N * W, w), adapter=adapter).view(N, W, w, -1), torch.stack(fired).sum()
 
     # --- persistence ---------------------------------------------------------------------
 

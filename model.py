@@ -297,7 +297,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, start_pos: int = 0,
                 pad_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                adapter: Adapter | None = None, return_hidden: bool = False):
+                adapter: Adapter | None = None, return_hidden: bool = False,
+                logits_at: torch.Tensor | None = None):
         """Runs the decoder.
 
         Args:
@@ -309,8 +310,11 @@ class Transformer(nn.Module):
             adapter: `(layer, h) -> {module_name: delta_fn}`, called with the residual stream
                 h (B, T, dim) entering each layer; delta_fn(x) is added to that module's output.
             return_hidden: also return the residual streams entering each layer.
+            logits_at: (B, T) bool: compute logits only there (training, where a loss is taken:
+                the output layer is a large share of a small model's step).
         Returns:
-            logits (B, T, vocab), and with return_hidden a list of n_layers (B, T, dim) tensors.
+            logits (B, T, vocab), or (n, vocab) at the n positions of logits_at; with
+            return_hidden also a list of n_layers (B, T, dim) tensors.
         """
         B, T = tokens.shape
         real = torch.ones_like(tokens, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
@@ -331,7 +335,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, cache, i, deltas)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)
+        logits = self.lm_head(h if logits_at is None else h[logits_at])
         return (logits, hidden) if return_hidden else logits
 
     def _mask(self, positions, real, padded, cache):

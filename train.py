@@ -274,6 +274,11 @@ class Batch:
     visible: torch.Tensor
     task: torch.Tensor
 
+    @property
+    def supervised(self) -> torch.Tensor:
+        """(N, W, L) bool: where a target is predicted (the only logits a loss needs)."""
+        return self.targets != -100
+
     def to(self, device) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
@@ -611,13 +616,13 @@ def load_sft_examples(paths, tokenizer: Tokenizer, w: int) -> tuple[list, int]:
 
 
 def task_losses(logits: torch.Tensor, batch: Batch, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and token counts per task (n_tasks,), float32."""
-    ce = F.cross_entropy(logits.float().flatten(0, -2), batch.targets.flatten(), ignore_index=-100,
-                         reduction="none").view(batch.targets.shape)  # (N, W, L)
-    task = batch.task.expand_as(batch.targets).flatten()
-    supervised = (batch.targets != -100).flatten().float()
+    """Summed next-token cross-entropy and token counts per task (n_tasks,), float32, from the
+    logits (n, vocab) at the n supervised positions of the batch."""
+    supervised = batch.supervised
+    ce = F.cross_entropy(logits.float(), batch.targets[supervised], reduction="none")  # (n,)
+    task = batch.task.expand_as(batch.targets)[supervised]
     zeros = torch.zeros(n_tasks, device=ce.device)
-    return zeros.index_add(0, task, ce.flatten()), zeros.index_add(0, task, supervised)
+    return zeros.index_add(0, task, ce), zeros.index_add(0, task, torch.ones_like(ce))
 
 
 def make_optimizer(module: torch.nn.Module, config: TrainConfig):
@@ -850,7 +855,7 @@ def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     trained = ddp or generator
 
     def forward(batch: Batch):
-        return trained(base, batch.tokens, batch.mask, batch.visible)
+        return trained(base, batch.tokens, batch.mask, batch.visible, batch.supervised)
     tasks = TASKS if config.stage == "pretrain" else ("answer",)
     return Run(generator, ddp, forward, train, val, base, tokenizer, tasks, generator.save)
 
@@ -875,7 +880,8 @@ def build_base(config: TrainConfig, rank: int, world: int, device: torch.device)
 
     def forward(batch: Batch):
         N, W, T = batch.tokens.shape
-        return trained(batch.tokens.view(N * W, T)).view(N, W, T, -1), torch.zeros((), device=device)
+        return trained(batch.tokens.view(N * W, T), logits_at=batch.supervised.view(N * W, T)), \
+            torch.zeros((), device=device)
     return Run(model, ddp, forward, train, val, None, tokenizer, ("text", "answer"), model.save_pretrained)
 
 
@@ -968,8 +974,9 @@ def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int, o
                    f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}")
         record = {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed}
     else:
-        plain = lambda b: (run.base(b.tokens.flatten(0, 1)).view(*b.tokens.shape, -1), None)
-        adapted = perplexities(lambda b: run.module(run.base, b.tokens, b.mask, b.visible), val_batches, run.tasks)
+        plain = lambda b: (run.base(b.tokens.flatten(0, 1), logits_at=b.supervised.flatten(0, 1)), None)
+        adapted = perplexities(lambda b: run.module(run.base, b.tokens, b.mask, b.visible, b.supervised),
+                               val_batches, run.tasks)
         alone = perplexities(plain, val_batches, run.tasks)
         tqdm.write(f"step {step}: validation perplexity " + ", ".join(
             f"{name} {adapted[name]:.2f} with adapter / {alone[name]:.2f} base alone" for name in adapted))

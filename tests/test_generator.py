@@ -59,6 +59,17 @@ def test_parallel_forward_equals_streaming(modules):
     assert not torch.allclose(parallel[:, W - 1], model(tokens[:, W - 1]), atol=1e-3)  # adapted
 
 
+def test_logits_only_where_a_loss_is_taken():
+    model, gen = make()
+    tokens = torch.randint(3, 320, (2, W, w))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    at = torch.rand(tokens.shape) < 0.3
+    full, _ = gen(model, tokens, mask, strictly_earlier(W))
+    some, _ = gen(model, tokens, mask, strictly_earlier(W), logits_at=at)
+    torch.testing.assert_close(some, full[at])
+    torch.testing.assert_close(model(tokens[0], logits_at=at[0]), model(tokens[0])[at[0]])
+
+
 def test_visibility_matrix_picks_the_windows():
     model, gen = make()
     tokens = torch.randint(3, 320, (1, 3, w))

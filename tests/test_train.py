@@ -340,7 +340,7 @@ batches = torch.load({batches!r}, weights_only=True)
 batches = [train.Batch(*b) for b in batches]
 mine = batches[rank::world]  # the same global batch of 2 sequences
 module = DDP(gen) if world > 1 else gen
-forward = lambda b: module(base, b.tokens, b.mask, b.visible)
+forward = lambda b: module(base, b.tokens, b.mask, b.visible, b.supervised)
 opt = train.make_optimizer(gen, config)
 params = list(gen.parameters())
 sums, counts, fired, norm = train.train_step(forward, params, mine, opt, 1e-2, config, 2,
