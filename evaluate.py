@@ -1,6 +1,8 @@
-"""Evaluates GenerativeAdapter against the paper's baselines on StreamingQA, MetaICL and MSC.
+"""Evaluates GenerativeAdapter against the paper's baselines on StreamingQA, MetaICL and MSC,
+and on an associative-recall probe (how many one-sentence facts a context can carry).
 
     python evaluate.py --task streamingqa            # bundled world + tiny base + tiny generator
+    python evaluate.py --task recall --facts 1 4 16 64 --methods prompt,adapter
     python evaluate.py --task metaicl --methods closed_book,prompt,adapter
     python evaluate.py --task msc --base /models/Mistral-7B-Instruct-v0.2 \\
         --generator runs/mistral-sft/checkpoint --data /data/msc_self_instruct.jsonl --device cuda
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data.make_world import Ladder
 from data.readers import read_metaicl, read_metaicl_config, read_msc, read_streamingqa
 from generator import AdapterGenerator, LoRA, merged, module_widths, split_windows
 from model import ModelArgs, Tokenizer, Transformer, generate, load
@@ -45,7 +48,7 @@ ROOT = Path(__file__).resolve().parent
 METHODS = ("closed_book", "prompt", "rag", "finetune", "adapter")
 DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
                 "msc": "data/world/msc_self_instruct_test.jsonl"}
-MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20}
+MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20}
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -304,6 +307,18 @@ def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], lim
     return units
 
 
+def recall_units(facts: list[int], limit: int) -> list[Unit]:
+    """The associative-recall probe (after Arora et al. 2023, "Zoology"): for each n in `facts`,
+    `limit` contexts of n one-sentence facts about n test-split people (values drawn at random),
+    each asked about one of its facts."""
+    ladder, units = Ladder(), []
+    for n in facts:
+        for i in range(limit):
+            r = ladder.recall("test", n, str(i))
+            units.append(Unit(r["context"], [r["prompt"]], [[r["answer"]]], {"facts": n}))
+    return units
+
+
 def msc_units(path, limit: int) -> list[Unit]:
     """One unit per user: the earlier sessions as `Speaker i: text` lines, then the question."""
     units = []
@@ -517,6 +532,9 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                  table("classification_accuracy", "shots", "classification tasks", select=summary),
                  table("non_classification_accuracy", "shots", "non-classification tasks", select=summary)]
         column = "shots"
+    elif task == "recall":
+        parts = [table(m, "facts", f"{name} by facts in the context") for m, name in (("em", "EM"), ("f1", "F1"))]
+        column = "facts"
     else:  # MSC: a row per method, a column per metric
         lines = [f"**MSC self-instruct ({rows[0]['examples']} users)**", "", "| method | F1 | EM | ROUGE-L recall |",
                  "|---|---|---|---|"]
@@ -541,7 +559,8 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc"], help="the benchmark")
+    p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc", "recall"],
+                   help="the benchmark; recall: the associative-recall probe on generated facts")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated methods (default: all of {','.join(METHODS)})")
     p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
@@ -553,11 +572,14 @@ def parse_args(argv=None):
                    help="MetaICL split config, {'train': [...], 'test': [...]} (default: <data>/config/world_to_world.json)")
     p.add_argument("--context_lengths", type=int, nargs="+", default=None,
                    help="StreamingQA context sizes in tokens (default: 512 ... 32768; tiny base: 128 ... 2048)")
+    p.add_argument("--facts", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                   help="recall: facts per context (default: 1 2 4 8 16 32 64)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="MetaICL K (default: 1 2 4 8 16)")
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 13, 21, 42, 87],
                    help="MetaICL seeds of the train files (default: 100 13 21 42 87)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per context length "
-                   "(StreamingQA), test inputs per task (MetaICL) or users (MSC) (default: 150, 20, 100)")
+                   "(StreamingQA), test inputs per task (MetaICL), users (MSC) or contexts per number of facts "
+                   "(recall) (default: 150, 20, 100, 60)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="answer length (default: 20; MetaICL 10)")
     p.add_argument("--batch_size", type=int, default=16, help="queries generated together (default: 16)")
     p.add_argument("--ft_epochs", type=int, default=5, help="finetune: epochs over the context (default: 5)")
@@ -575,11 +597,13 @@ def parse_args(argv=None):
     tiny = args.base is None
     args.base = args.base or str(ROOT / "data" / "tiny")
     args.generator = args.generator or str(ROOT / "data" / "tiny" / "generator")
-    args.data = args.data or str(ROOT / DEFAULT_DATA[args.task])
-    args.config = args.config or str(Path(args.data) / "config" / "world_to_world.json")
+    if args.task == "recall" and args.data:
+        p.error("--data: the recall probe makes its contexts (data/make_world.py's Ladder); it reads no data")
+    args.data = None if args.task == "recall" else args.data or str(ROOT / DEFAULT_DATA[args.task])
+    args.config = args.config or str(Path(args.data or ".") / "config" / "world_to_world.json")
     args.context_lengths = args.context_lengths or ([128, 256, 512, 1024, 2048] if tiny else
                                                     [512, 1024, 2048, 4096, 8192, 16384, 32768])
-    args.limit = args.limit or {"streamingqa": 150, "metaicl": 20, "msc": 100}[args.task]
+    args.limit = args.limit or {"streamingqa": 150, "metaicl": 20, "msc": 100, "recall": 60}[args.task]
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[args.task]
     args.out = Path(args.out or f"runs/eval/{args.task}")
     return args
@@ -597,6 +621,9 @@ def main(argv=None) -> dict:
     elif args.task == "metaicl":
         units = metaicl_units(args.data, args.config, args.shots, args.seeds, args.limit)
         column = "shots"
+    elif args.task == "recall":
+        units = recall_units(args.facts, args.limit)
+        column = "facts"
     else:
         units = msc_units(args.data, args.limit)
         column = None

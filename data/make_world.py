@@ -925,6 +925,12 @@ class Ladder:
         return {"context": "\n\n".join(d.text for d in documents), "prompt": rng.choice(phrasings),
                 "answer": answers[0]}
 
+    def recall(self, split_name: str, n: int, key: str) -> dict:
+        """An associative-recall probe: n facts, each of another person, one sentence each, and a
+        question about one of them (how many facts can one context's adapter hold?)."""
+        rng = random.Random(f"ladder/recall/{split_name}/{n}/{key}")
+        return self._facts(self.world.splits[split_name], rng, people=n, facts=1)
+
     def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> dict:
         """Sentences stating random facts of `people` people (`facts` each, or 1-3), and a
         question about one of them."""

@@ -177,6 +177,21 @@ def test_same_kind_answers():
     assert sum(len(alike(r)) == evaluate.RANK_CANDIDATES for r in records) > len(records) / 2
 
 
+def test_recall_probe(tiny, capsys):
+    units = evaluate.recall_units([1, 5], 3)
+    assert [u.key["facts"] for u in units] == [1, 1, 1, 5, 5, 5]
+    for u in units:  # n sentences about n people; the answer is stated once
+        assert u.context.count(".") >= u.key["facts"] and u.golds[0][0] in u.context
+    results = evaluate.main(["--task", "recall", "--base", str(tiny / "base"), "--generator", str(tiny / "gen"),
+                             "--facts", "1", "5", "--limit", "2", "--methods", "prompt,adapter",
+                             "--max_new_tokens", "4", "--out", str(tiny / "recall"), "--device", "cpu"])
+    assert {(r["method"], r["facts"]) for r in results["rows"]} == {(m, n) for m in ("prompt", "adapter") for n in (1, 5)}
+    assert "EM by facts in the context" in (tiny / "recall" / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--task", "recall", "--data", "x.csv"])
+    assert "the recall probe makes its contexts" in capsys.readouterr().err
+
+
 def test_reruns_are_identical(tiny):
     a = run(tiny, "streamingqa", "first", "--methods", "closed_book,rag,finetune,adapter")
     b = run(tiny, "streamingqa", "second", "--methods", "closed_book,rag,finetune,adapter")
