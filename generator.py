@@ -216,6 +216,9 @@ class AdapterGenerator(nn.Module):
 
     def __init__(self, args: ModelArgs, config: GeneratorConfig):
         super().__init__()
+        if config.window > args.max_seq_len:
+            raise ValueError(f"GeneratorConfig.window = {config.window} is longer than the base's window "
+                             f"(max_seq_len {args.max_seq_len}): windows run from position 0")
         self.args, self.config = args, config
         widths = module_widths(args)
         self.mods = nn.ModuleDict({m: ModuleGenerator(args.n_layers, args.dim, *widths[m], config)

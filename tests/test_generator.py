@@ -302,6 +302,11 @@ def test_config_errors(change, message):
         AdapterGenerator(tiny_args(), tiny_config(**change))
 
 
+def test_window_longer_than_the_base_fails():
+    with pytest.raises(ValueError, match=r"GeneratorConfig.window = 64 is longer than the base's window \(max_seq_len 32\)"):
+        AdapterGenerator(tiny_args(max_seq_len=32), tiny_config(window=64))
+
+
 def test_loading_against_another_base_fails(tmp_path):
     _, gen = make()
     gen.save(tmp_path)
