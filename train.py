@@ -732,7 +732,7 @@ RUN_FILES = ("checkpoint", "checkpoint.old", "log.jsonl", "validation.jsonl")
 def check_run_directory(out: Path, config: TrainConfig) -> None:
     """A new run may not start where an earlier one left its checkpoint or logs: the checkpoint
     would be replaced and the two runs' logs mixed. --resume continues the earlier run (which must
-    have a checkpoint), --overwrite deletes it (clear_run) once the new run is built."""
+    have a checkpoint), --overwrite deletes it (clear_run) once the new run has read its data."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: expected a run directory")
     if config.resume:
@@ -910,8 +910,6 @@ def main(argv=None) -> Path:
     check_run_directory(out, config)
     out.mkdir(parents=True, exist_ok=True)
     run = build(config, rank, world, device)
-    if config.overwrite and rank == 0:
-        clear_run(out)
     if config.stage == "sft" and config.epochs:
         config.steps = math.ceil(config.epochs * len(run.train.examples) / config.batch_size)
     optimizer = make_optimizer(run.module, config)
@@ -925,6 +923,8 @@ def main(argv=None) -> Path:
         return [run.train.next(config.micro_batch).to(device) for _ in range(accum)]
 
     micro = next_micro_batches() if step < config.steps else []  # bad data shows before the progress bar
+    if config.overwrite and rank == 0:  # only now that the new run has its model and data
+        clear_run(out)
     per_task = config.stage == "base"
     if rank == 0:
         print(f"{config.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, "

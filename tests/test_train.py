@@ -411,6 +411,9 @@ def test_an_earlier_run_is_kept_until_resumed_or_overwritten(world, tmp_path):
     trainer.write_bytes(trainer.read_bytes()[:1000])  # a disk fault: the atomic swap rules out a torn write
     with pytest.raises(ValueError, match=r"checkpoint/trainer.pt: not a readable trainer state \(truncated or corrupt\?\)"):
         train.main(args(world, tmp_path, "--steps", "4", "--resume"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):  # the earlier run survives a failed start
+        train.main(args(world, tmp_path, "--steps", "2", "--overwrite", "--data", str(tmp_path / "missing.jsonl")))
+    assert [r["step"] for r in log(tmp_path)] == [1, 2, 3]
     train.main(args(world, tmp_path, "--steps", "2", "--overwrite"))
     assert [r["step"] for r in log(tmp_path)] == [1, 2]  # the first run's lines are gone
     assert torch.load(trainer, weights_only=True)["step"] == 2
