@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 from evaluate import PeakMemory, forward_flops, kv_cache_floats
 from generator import AdapterGenerator, ContextState, GeneratorConfig, merged, svd_normalize
 from model import KVCache, ModelArgs, Transformer
@@ -252,7 +253,7 @@ def bench_decoding(model: Transformer, generator: AdapterGenerator, state: Conte
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="tiny: the embedded default's shapes; small: a 52M Llama-2-shaped base; "
@@ -260,7 +261,10 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile (reduce-overhead) the decode step")
     p.add_argument("--out", default=None, help="JSON file (default: runs/bench/<preset>-<device>.json)")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cli.pick_device(args.device)
+    out = Path(args.out or f"runs/bench/{args.preset}-{device.type}.json")
+    if out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a directory: expected the path of a JSON file")
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -288,12 +292,11 @@ def main(argv=None) -> dict:
     results["decoding"] = bench_decoding(model, generator, state, device, preset, args.compile)
     for row in results["decoding"]:
         print("decoding:", json.dumps(row))
-    out = Path(args.out or f"runs/bench/{args.preset}-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(cli.strict_json(results))
     print(f"wrote {out}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "bench.py")

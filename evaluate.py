@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 from data.make_world import Ladder
 from data.readers import read_metaicl, read_metaicl_config, read_msc, read_streamingqa
 from generator import AdapterGenerator, LoRA, merged, module_widths, split_windows
-from model import ModelArgs, Tokenizer, Transformer, generate, load
+from model import ModelArgs, Tokenizer, Transformer, check_at_least, generate, load
 from train import chat_example, context_ids, user_turn
 
 ROOT = Path(__file__).resolve().parent
@@ -296,6 +297,8 @@ def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], lim
         for seed in seeds:
             train = read_metaicl(data_dir, task, 16, seed, "train")
             test = read_metaicl(data_dir, task, 16, seed, "test")[:limit]
+            if not test:
+                raise ValueError(f"{Path(data_dir) / task}/{task}_16_{seed}_test.jsonl holds no examples")
             for k in shots:
                 if k > len(train):
                     raise ValueError(f"--shots {k}: {task}_16_{seed}_train.jsonl has only {len(train)} demonstrations")
@@ -557,11 +560,19 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
 # Command line
 
 
+# Flags that only a task or a method uses: giving one that the run does not use is an error.
+TASK_FLAGS = {"config": "metaicl", "shots": "metaicl", "seeds": "metaicl", "context_lengths": "streamingqa",
+              "facts": "recall"}
+METHOD_FLAGS = {"generator": "adapter", "ft_epochs": "finetune", "ft_lr": "finetune", "ft_rank": "finetune",
+                "seed": "finetune"}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags, checked (ValueError naming the flag), with defaults filled in."""
+    p = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc", "recall"],
                    help="the benchmark; recall: the associative-recall probe on generated facts")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default: all of {','.join(METHODS)})")
     p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
     p.add_argument("--generator", default=None,
@@ -572,48 +583,74 @@ def parse_args(argv=None):
                    help="MetaICL split config, {'train': [...], 'test': [...]} (default: <data>/config/world_to_world.json)")
     p.add_argument("--context_lengths", type=int, nargs="+", default=None,
                    help="StreamingQA context sizes in tokens (default: 512 ... 32768; tiny base: 128 ... 2048)")
-    p.add_argument("--facts", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+    p.add_argument("--facts", type=int, nargs="+", default=None,
                    help="recall: facts per context (default: 1 2 4 8 16 32 64)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="MetaICL K (default: 1 2 4 8 16)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[100, 13, 21, 42, 87],
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="MetaICL K (default: 1 2 4 8 16)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="MetaICL seeds of the train files (default: 100 13 21 42 87)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per context length "
                    "(StreamingQA), test inputs per task (MetaICL), users (MSC) or contexts per number of facts "
                    "(recall) (default: 150, 20, 100, 60)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="answer length (default: 20; MetaICL 10)")
-    p.add_argument("--batch_size", type=int, default=16, help="queries generated together (default: 16)")
-    p.add_argument("--ft_epochs", type=int, default=5, help="finetune: epochs over the context (default: 5)")
-    p.add_argument("--ft_lr", type=float, default=1e-3, help="finetune: AdamW learning rate (default: 1e-3)")
-    p.add_argument("--ft_rank", type=int, default=8, help="finetune: LoRA rank on every linear module (default: 8)")
+    p.add_argument("--batch_size", type=int, default=None, help="queries generated together (default: 16)")
+    p.add_argument("--ft_epochs", type=int, default=None, help="finetune: epochs over the context (default: 5)")
+    p.add_argument("--ft_lr", type=float, default=None, help="finetune: AdamW learning rate (default: 1e-3)")
+    p.add_argument("--ft_rank", type=int, default=None, help="finetune: LoRA rank on every linear module (default: 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval/<task>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning baseline (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fine-tuning baseline (default: 0)")
     args = p.parse_args(argv)
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") if args.methods is not None else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"--methods {args.methods}: expected some of {','.join(METHODS)}, each once")
+    for name, task in TASK_FLAGS.items():
+        if getattr(args, name) is not None and args.task != task:
+            raise ValueError(f"--{name} is not used by --task {args.task} (it is for --task {task})")
+    for name, method in METHOD_FLAGS.items():
+        if getattr(args, name) is not None and method not in methods:
+            raise ValueError(f"--{name} is only used by the {method} method, which --methods {args.methods} leaves out")
+    for name in ("base", "generator", "data", "config", "out"):
+        if getattr(args, name) == "":
+            raise ValueError(f"--{name} is empty: expected a path")
+    check_at_least(args, 1, ("context_lengths", "shots", "facts", "limit", "max_new_tokens", "batch_size",
+                             "ft_rank"), "--")
+    check_at_least(args, 0, ("ft_epochs", "ft_lr"), "--")
+    for name in ("context_lengths", "shots", "seeds", "facts"):
+        values = getattr(args, name) or []
+        if len(set(values)) != len(values):
+            raise ValueError(f"--{name} {' '.join(map(str, values))}: a value is repeated")
     args.methods = methods
     tiny = args.base is None
-    args.base = args.base or str(ROOT / "data" / "tiny")
-    args.generator = args.generator or str(ROOT / "data" / "tiny" / "generator")
-    if args.task == "recall" and args.data:
-        p.error("--data: the recall probe makes its contexts (data/make_world.py's Ladder); it reads no data")
-    args.data = None if args.task == "recall" else args.data or str(ROOT / DEFAULT_DATA[args.task])
-    args.config = args.config or str(Path(args.data or ".") / "config" / "world_to_world.json")
-    args.context_lengths = args.context_lengths or ([128, 256, 512, 1024, 2048] if tiny else
-                                                    [512, 1024, 2048, 4096, 8192, 16384, 32768])
-    args.limit = args.limit or {"streamingqa": 150, "metaicl": 20, "msc": 100, "recall": 60}[args.task]
-    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[args.task]
-    args.out = Path(args.out or f"runs/eval/{args.task}")
+    if args.task == "recall" and args.data is not None:
+        raise ValueError("--data: the recall probe makes its contexts (data/make_world.py's Ladder); it reads no data")
+    defaults = {
+        "base": str(ROOT / "data" / "tiny"), "generator": str(ROOT / "data" / "tiny" / "generator"),
+        "data": str(ROOT / DEFAULT_DATA[args.task]) if args.task in DEFAULT_DATA else None,
+        "shots": [1, 2, 4, 8, 16], "seeds": [100, 13, 21, 42, 87], "facts": [1, 2, 4, 8, 16, 32, 64],
+        "context_lengths": [128, 256, 512, 1024, 2048] if tiny else [512, 1024, 2048, 4096, 8192, 16384, 32768],
+        "limit": {"streamingqa": 150, "metaicl": 20, "msc": 100, "recall": 60}[args.task],
+        "max_new_tokens": MAX_NEW_TOKENS[args.task], "batch_size": 16, "ft_epochs": 5, "ft_lr": 1e-3,
+        "ft_rank": 8, "seed": 0, "out": f"runs/eval/{args.task}"}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.config is None and args.task == "metaicl":
+        args.config = str(Path(args.data) / "config" / "world_to_world.json")
+    args.out = Path(args.out)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: expected a directory")
     return args
 
 
 @torch.no_grad()  # finetune_lora re-enables gradients for its own baseline
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cli.pick_device(args.device)
     model, tokenizer = load(args.base, device)
+    if args.max_new_tokens >= model.args.max_seq_len:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: expected fewer than the base's window, "
+                         f"{model.args.max_seq_len} tokens")
     generator = AdapterGenerator.load(args.generator, model.args, device) if "adapter" in args.methods else None
     if args.task == "streamingqa":
         units = streamingqa_units(args.data, tokenizer, args.context_lengths, args.limit)
@@ -627,6 +664,8 @@ def main(argv=None) -> dict:
     else:
         units = msc_units(args.data, args.limit)
         column = None
+    if not units:
+        raise ValueError(f"--data {args.data}: nothing to evaluate (no questions found)")
     settings = Settings(args.max_new_tokens, args.batch_size, args.ft_epochs, args.ft_lr, args.ft_rank, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -649,7 +688,7 @@ def main(argv=None) -> dict:
     results = {"task": args.task, "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
                "base": args.base, "generator": args.generator if generator else None, "data": args.data,
                "device": str(device), "torch": torch.__version__, "rows": rows}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.json").write_text(cli.strict_json(results))
     tables = markdown_tables(args.task, rows)
     (args.out / "results.md").write_text(f"`{results['command']}`\n\n{tables}")
     print(tables)
@@ -658,4 +697,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "evaluate.py")

@@ -17,7 +17,7 @@ equations, the accumulator state and streaming, the three ways of applying an ad
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from model import LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, read_safetensors
+from model import (LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least,
+                   check_token_ids, check_types, config_field, read_json, read_safetensors)
 
 NORM_EPS = 1e-6  # the generator's RMSNorm over hidden states (SPEC 1)
 # SPEC 5's guard: the release drops a window's adapter when two top singular values are within
@@ -52,29 +53,36 @@ class GeneratorConfig:
     svd: str = "randomized"  # "randomized" (torch.svd_lowrank's algorithm, as released) or "exact"
     svd_niter: int = 1  # power iterations of the randomised SVD
 
+    def __post_init__(self):
+        check_types(self, "GeneratorConfig.")
+        check_generator_fields(self, "GeneratorConfig.")
+
     @property
     def scale(self) -> float:
         return self.alpha / self.r
 
-    def validate(self, args: ModelArgs) -> None:
-        """Raises ValueError naming the first field that cannot work with this base."""
-        for m in self.target_modules:
-            if m not in LINEAR_MODULES:
-                raise ValueError(f"GeneratorConfig.target_modules: unknown module '{m}'; "
-                                 f"expected names among {list(LINEAR_MODULES)}")
-        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
-            raise ValueError(f"GeneratorConfig.target_modules: {self.target_modules} must be "
-                             "a non-empty list without repeats")
-        for name in ("d_r", "r", "k", "window", "svd_niter"):
-            if getattr(self, name) < (0 if name == "svd_niter" else 1):
-                raise ValueError(f"GeneratorConfig.{name} = {getattr(self, name)} must be positive")
-        if self.k > min(self.d_r, self.r):
-            raise ValueError(f"GeneratorConfig.k = {self.k} is larger than min(d_r, r) = "
-                             f"{min(self.d_r, self.r)}: N(S) has at most that rank")
-        if self.norm not in ("svd", "frobenius"):
-            raise ValueError(f"GeneratorConfig.norm = '{self.norm}': expected 'svd' or 'frobenius'")
-        if self.svd not in ("exact", "randomized"):
-            raise ValueError(f"GeneratorConfig.svd = '{self.svd}': expected 'exact' or 'randomized'")
+
+def check_generator_fields(config, prefix: str) -> None:
+    """Raises ValueError naming (prefix + field) the first generator setting that cannot work.
+    `config` is a GeneratorConfig, or an object with the same fields (train.py's TrainConfig)."""
+    for m in config.target_modules:
+        if m not in LINEAR_MODULES:
+            raise ValueError(f"{prefix}target_modules: unknown module '{m}'; "
+                             f"expected names among {list(LINEAR_MODULES)}")
+    if not config.target_modules or len(set(config.target_modules)) != len(config.target_modules):
+        raise ValueError(f"{prefix}target_modules: {config.target_modules} must be "
+                         "a non-empty list without repeats")
+    check_at_least(config, 1, ("d_r", "r", "k", "window"), prefix)
+    check_at_least(config, 0, ("svd_niter",), prefix)
+    if config.k > min(config.d_r, config.r):
+        raise ValueError(f"{prefix}k = {config.k} is larger than min(d_r, r) = "
+                         f"{min(config.d_r, config.r)}: N(S) has at most that rank")
+    if config.alpha <= 0:
+        raise ValueError(f"{prefix}alpha: expected a positive scale, got {config.alpha}")
+    if config.norm not in ("svd", "frobenius"):
+        raise ValueError(f"{prefix}norm = '{config.norm}': expected 'svd' or 'frobenius'")
+    if config.svd not in ("exact", "randomized"):
+        raise ValueError(f"{prefix}svd = '{config.svd}': expected 'exact' or 'randomized'")
 
 
 def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -281,7 +289,9 @@ class AdapterGenerator(nn.Module):
 
     def __init__(self, args: ModelArgs, config: GeneratorConfig):
         super().__init__()
-        config.validate(args)
+        if config.window > args.max_seq_len:
+            raise ValueError(f"GeneratorConfig.window = {config.window} is longer than the base's window "
+                             f"(max_seq_len {args.max_seq_len}): windows run from position 0")
         self.args, self.config = args, config
         widths = module_widths(args)
         self.mods = nn.ModuleDict({m: ModuleGenerator(args.n_layers, args.dim, *widths[m], config)
@@ -297,8 +307,22 @@ class AdapterGenerator(nn.Module):
         return ContextState({m: torch.zeros(self.args.n_layers, self.config.d_r, self.config.r,
                                             device=self.device) for m in self.mods})
 
+    def check_state(self, state: "ContextState", source: str = "state") -> None:
+        """Raises ValueError unless `state` is a ContextState of this generator's modules, with
+        S of shape (L, d_r, r) on the generator's device."""
+        wanted = {m: (self.args.n_layers, self.config.d_r, self.config.r) for m in self.mods}
+        if not isinstance(state, ContextState):
+            raise ValueError(f"{source}: expected a ContextState, got {type(state).__name__}")
+        found = {m: tuple(s.shape) for m, s in state.S.items()}
+        if found != wanted:
+            raise ValueError(f"{source}: state of modules {found} does not fit this generator ({wanted})")
+        devices = {s.device for s in state.S.values()}
+        if devices != {self.device}:
+            raise ValueError(f"{source}: state on {sorted(map(str, devices))}, this generator on {self.device}")
+
     def normalized(self, state: "ContextState"):
         """N(S_t) of every module and layer in one batched SVD -> {module: (P, Q)}, each (L, ., k)."""
+        self.check_state(state)
         S = torch.stack([state.S[m] for m in self.mods])  # (M, L, d_r, r)
         rng = torch.Generator(S.device).manual_seed(INFERENCE_SEED)
         P, Q, _ = svd_normalize(S, self.config, rng)
@@ -320,7 +344,7 @@ class AdapterGenerator(nn.Module):
         """Streams a context of any length through the base, window by window (SPEC 3).
 
         Args:
-            context: text (tokenised with a BOS by `tokenizer`) or token ids.
+            context: text (tokenised with a BOS by `tokenizer`; "" is no tokens) or token ids.
             state: a state to continue (a user's memory); default: empty.
             progress: show a progress bar over windows.
         Returns:
@@ -328,7 +352,14 @@ class AdapterGenerator(nn.Module):
         """
         if isinstance(context, str) and tokenizer is None:
             raise ValueError("contextualize: a text context needs the tokenizer")
-        ids = tokenizer.encode(context) if isinstance(context, str) else list(context)
+        if isinstance(context, str):  # no text, no tokens: not even a BOS, whose adapter is full-strength
+            ids = tokenizer.encode(context) if context else []
+        else:
+            ids = list(context)
+        if ids:
+            check_token_ids(ids, self.args.vocab_size, "contextualize: the context")
+        if state is not None:
+            self.check_state(state, "contextualize(state=...)")
         state = state or self.empty_state()
         for window in tqdm(split_windows(ids, self.config.window), desc="context windows",
                            unit="window", disable=not progress):
@@ -410,16 +441,31 @@ class AdapterGenerator(nn.Module):
         directory = Path(directory)
         for name in ("generator.json", "generator.safetensors"):
             if not (directory / name).is_file():
+                hint = f"; {directory / 'checkpoint'} holds one" if (directory / "checkpoint" / name).is_file() else ""
                 raise FileNotFoundError(f"{directory / name} does not exist (a generator directory "
-                                        "holds generator.json and generator.safetensors)")
-        meta = json.loads((directory / "generator.json").read_text())
-        if meta["base"] != base_identity(args):
-            raise ValueError(f"{directory} holds a generator for the base {meta['base']}, "
+                                        f"holds generator.json and generator.safetensors){hint}")
+        source = directory / "generator.json"
+        meta = read_json(source)
+        base, config = (config_field(meta, key, str(source), dict) for key in ("base", "config"))
+        if base != base_identity(args):
+            raise ValueError(f"{directory} holds a generator for the base {base}, "
                              f"but this base is {base_identity(args)}")
+        known = [f.name for f in fields(GeneratorConfig)]
+        if set(config) - set(known):
+            raise ValueError(f"{source}: unknown config field(s) {sorted(set(config) - set(known))}; "
+                             f"expected some of {known}")
+        try:
+            config = GeneratorConfig(**config)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
         with torch.device("meta"):
-            generator = cls(args, GeneratorConfig(**meta["config"]))
+            generator = cls(args, config)
         state = read_safetensors(directory / "generator.safetensors", device or "cpu")
         expected = {k: v.shape for k, v in generator.state_dict().items()}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{directory / 'generator.safetensors'} does not match {source}: missing "
+                             f"tensors {missing[:10]}, unexpected tensors {unexpected[:10]}")
         for name, t in state.items():
             if name in expected and t.shape != expected[name]:
                 raise ValueError(f"{directory / 'generator.safetensors'}: '{name}' has shape "
@@ -455,12 +501,14 @@ class ContextState:
     def load(cls, path, generator: AdapterGenerator) -> "ContextState":
         S = read_safetensors(Path(path), generator.device)
         with safe_open(str(path), framework="pt") as f:
-            tokens = int(f.metadata()["tokens"])
-        expected = generator.empty_state().S
-        if sorted(S) != sorted(expected) or any(S[m].shape != expected[m].shape for m in S):
-            raise ValueError(f"{path}: state of modules {({m: tuple(s.shape) for m, s in S.items()})} "
-                             f"does not fit this generator ({({m: tuple(s.shape) for m, s in expected.items()})})")
-        return cls(S, tokens)
+            tokens = (f.metadata() or {}).get("tokens", "")
+        if not tokens.isdigit():
+            found = f"is {tokens!r}" if tokens else "is missing"
+            raise ValueError(f"{path}: metadata 'tokens' {found}, expected the count of tokens seen "
+                             "(ContextState.save writes it)")
+        state = cls(S, int(tokens))
+        generator.check_state(state, str(path))
+        return state
 
 
 @dataclass

@@ -17,7 +17,9 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -38,10 +40,70 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Config
 
 
-def required(config: dict, key: str, source: str):
-    if key not in config:
-        raise ValueError(f"{source}: missing field '{key}'")
-    return config[key]
+def read_json(path) -> dict:
+    """The JSON object in a file; errors name the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+REQUIRED = object()  # config_field's default for a field that must be present
+
+
+def config_field(config: dict, key: str, source: str, kind: type, default=REQUIRED, minimum: int = 1):
+    """config[key] of a JSON config, checked: an int at least `minimum`, a positive float (an int
+    will do), a bool, a str or a dict. A missing key or null gives `default`, or an error."""
+    value = config.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ValueError(f"{source}: missing field '{key}'")
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        fits, expected = number and isinstance(value, int) and value >= minimum, f"an integer >= {minimum}"
+    elif kind is float:
+        fits, expected = number and value > 0, "a positive number"
+    else:
+        fits, expected = isinstance(value, kind), {bool: "true or false", str: "a string", dict: "an object"}[kind]
+    if not fits:
+        raise ValueError(f"{source}: field '{key}' is {json.dumps(value)}, expected {expected}")
+    return float(value) if kind is float else value
+
+
+def has_type(value, kind) -> bool:
+    """Whether value is of a dataclass field's type: a class, list[X] or X | None (an int will
+    do for a float; a bool is not an int)."""
+    if isinstance(kind, types.UnionType):
+        return any(has_type(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(has_type(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def check_types(config, prefix: str) -> None:
+    """Raises ValueError naming (prefix + field) the first field of a dataclass whose value does
+    not have the declared type."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not has_type(value, f.type):
+            name = str(f.type) if typing.get_origin(f.type) else f.type.__name__
+            raise ValueError(f"{prefix}{f.name}: expected {name}, got {value!r}")
+
+
+def check_at_least(config, low, names, prefix: str) -> None:
+    """Raises ValueError naming (prefix + name) the first attribute among `names` whose value,
+    or one of whose values for a list, is below `low` (None passes)."""
+    for name in names:
+        value = getattr(config, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v < low:
+                raise ValueError(f"{prefix}{name}: expected at least {low}, got {v}")
 
 
 @dataclass
@@ -63,60 +125,81 @@ class ModelArgs:
     model_type: str = "mistral"  # "llama" or "mistral": picks the chat template
     dtype: str = "bfloat16"  # the checkpoint's dtype, used on CUDA
 
+    def __post_init__(self):
+        """Checks what would otherwise fail deep inside the model, naming the field."""
+        check_types(self, "ModelArgs.")
+        check_at_least(self, 1, ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                                 "vocab_size", "max_seq_len", "sliding_window"), "ModelArgs.")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs.n_heads = {self.n_heads} is not a multiple of "
+                             f"n_kv_heads = {self.n_kv_heads}: each key/value head serves a group of query heads")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelArgs.head_dim = {self.head_dim} is odd: RoPE rotates pairs of dimensions")
+
+    @classmethod
+    def checked(cls, source: str, **values) -> "ModelArgs":
+        """cls(**values), with the file the values came from named in any error."""
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Reads a Hugging Face config.json (transformers 4.x or 5.x spelling)."""
-        need = lambda key: required(cfg, key, source)
-        model_type = need("model_type")
+        get = lambda key, kind, default=REQUIRED, minimum=1: config_field(cfg, key, source, kind, default, minimum)
+        model_type = get("model_type", str)
         if model_type not in ("llama", "mistral"):
             raise ValueError(f"{source}: model_type '{model_type}' is not supported "
                              "(expected 'llama' or 'mistral')")
         if "rope_parameters" in cfg:  # transformers 5.x
-            rope, field = cfg["rope_parameters"] or {}, "rope_parameters.rope_type"
-            theta = rope.get("rope_theta", 10000.0)
+            rope, field = get("rope_parameters", dict, {}), "rope_parameters.rope_type"
+            theta = config_field(rope, "rope_theta", source, float, 10000.0)
             rope_type = rope.get("rope_type", "default")
         else:  # transformers 4.x
-            rope, field = cfg.get("rope_scaling") or {}, "rope_scaling.rope_type"
-            theta = cfg.get("rope_theta", 10000.0)
+            rope, field = get("rope_scaling", dict, {}), "rope_scaling.rope_type"
+            theta = get("rope_theta", float, 10000.0)
             rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"{source}: {field} '{rope_type}' is not implemented "
                              "(only plain RoPE, 'default', is)")
-        dim, n_heads = need("hidden_size"), need("num_attention_heads")
-        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        dim, n_heads = get("hidden_size", int), get("num_attention_heads", int)
+        dtype = get("torch_dtype", str, None) or get("dtype", str, "float32")
         if dtype not in DTYPES:
             raise ValueError(f"{source}: dtype '{dtype}' is not one of {sorted(DTYPES)}")
-        return cls(
-            dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or dim // n_heads,
-            hidden_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            max_seq_len=need("max_position_embeddings"),
-            sliding_window=cfg.get("sliding_window"),
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-            bos_id=cfg.get("bos_token_id", 1), eos_id=cfg.get("eos_token_id", 2),
+        return cls.checked(
+            source, dim=dim, n_layers=get("num_hidden_layers", int), n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads", int, n_heads),
+            head_dim=get("head_dim", int, dim // n_heads),
+            hidden_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
+            norm_eps=get("rms_norm_eps", float, 1e-6), rope_theta=theta,
+            max_seq_len=get("max_position_embeddings", int),
+            sliding_window=get("sliding_window", int, None),
+            tie_embeddings=get("tie_word_embeddings", bool, False),
+            bos_id=get("bos_token_id", int, 1, minimum=0), eos_id=get("eos_token_id", int, 2, minimum=0),
             model_type=model_type, dtype=dtype)
 
     @classmethod
     def from_params(cls, params: dict, source: str = "params.json") -> "ModelArgs":
         """Reads a Mistral / Meta params.json (consolidated format)."""
-        need = lambda key: required(params, key, source)
-        dim, n_heads = need("dim"), need("n_heads")
-        hidden_dim = params.get("hidden_dim")
+        get = lambda key, kind, default=REQUIRED: config_field(params, key, source, kind, default)
+        if isinstance(params.get("vocab_size"), int) and params["vocab_size"] <= 0:
+            raise ValueError(f"{source}: vocab_size is {params['vocab_size']}; "
+                             "set it to the tokenizer's vocabulary size")
+        dim, n_heads = get("dim", int), get("n_heads", int)
+        hidden_dim = get("hidden_dim", int, None)
         if hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
-            hidden_dim = int(float(params.get("ffn_dim_multiplier") or 1.0) * int(8 * dim / 3))
-            multiple = need("multiple_of")
+            hidden_dim = int(get("ffn_dim_multiplier", float, 1.0) * int(8 * dim / 3))
+            multiple = get("multiple_of", int)
             hidden_dim = multiple * math.ceil(hidden_dim / multiple)
-        return cls(
-            dim=dim, n_layers=need("n_layers"), n_heads=n_heads,
-            n_kv_heads=params.get("n_kv_heads") or n_heads,
-            head_dim=params.get("head_dim") or dim // n_heads, hidden_dim=hidden_dim,
-            vocab_size=need("vocab_size"), norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
+        return cls.checked(
+            source, dim=dim, n_layers=get("n_layers", int), n_heads=n_heads,
+            n_kv_heads=get("n_kv_heads", int, n_heads), head_dim=get("head_dim", int, dim // n_heads),
+            hidden_dim=hidden_dim, vocab_size=get("vocab_size", int),
+            norm_eps=get("norm_eps", float, 1e-5), rope_theta=get("rope_theta", float, 10000.0),
             # params.json does not state the context length; Mistral's models use 32768.
-            max_seq_len=params.get("max_seq_len", 32768),
-            sliding_window=params.get("sliding_window"), model_type="mistral")
+            max_seq_len=get("max_seq_len", int, 32768),
+            sliding_window=get("sliding_window", int, None), model_type="mistral")
 
     def to_hf_config(self) -> dict:
         """The config.json that save_pretrained writes (transformers 4.x spelling)."""
@@ -451,13 +534,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def read_safetensors(file: Path, device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of one .safetensors file, placed on `device` and, when given, cast to `dtype`
-    one tensor at a time (the file's copy of each is released once converted)."""
+    one tensor at a time (the file's copy of each is released once converted). A tensor with a
+    NaN or an infinity is an error, caught here once rather than as garbage output later."""
+    tensors = {}
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            return {key: f.get_tensor(key).to(dtype) if dtype else f.get_tensor(key) for key in f.keys()}
+            for key in f.keys():
+                t = f.get_tensor(key).to(dtype) if dtype else f.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{file}: tensor '{key}' holds NaN or infinite values (as {t.dtype})")
+                tensors[key] = t
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{file}: not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from None
+    return tensors
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -473,11 +563,14 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, str, list[Path]]:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     present = sorted(p.name for p in path.iterdir())
     if (path / "config.json").is_file():
-        args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()),
-                                        str(path / "config.json"))
+        args = ModelArgs.from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = config_field(read_json(index), "weight_map", str(index), dict)
+            files = sorted(set(weight_map.values()))
+            if not files or not all(isinstance(name, str) for name in files):
+                raise ValueError(f"{index}: field 'weight_map' should map tensor names to shard "
+                                 f"file names, got {len(weight_map)} entries")
             for name in files:
                 if not (path / name).is_file():
                     raise FileNotFoundError(f"{index} names shard {name}, which is missing from {path}")
@@ -485,11 +578,7 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, str, list[Path]]:
         if (path / "model.safetensors").is_file():
             return args, "hf", [path / "model.safetensors"]
     elif (path / "params.json").is_file():
-        args = ModelArgs.from_params(json.loads((path / "params.json").read_text()),
-                                     str(path / "params.json"))
-        if args.vocab_size <= 0:
-            raise ValueError(f"{path / 'params.json'}: vocab_size is {args.vocab_size}; "
-                             "set it to the tokenizer's vocabulary size")
+        args = ModelArgs.from_params(read_json(path / "params.json"), str(path / "params.json"))
         if (path / "consolidated.safetensors").is_file():
             return args, "consolidated", [path / "consolidated.safetensors"]
     else:
@@ -560,7 +649,12 @@ class Tokenizer:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
+        try:
+            return self.sp.decode(list(ids))
+        except IndexError:  # checked only on failure: decoding runs at every generated token
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.path} "
+                             f"(0 to {self.vocab_size - 1})") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation in the checkpoint's chat template.
@@ -573,6 +667,16 @@ class Tokenizer:
         if self.template is None:
             raise ValueError(f"no chat template is known for {self.path.parent} (no config.json, "
                              f"params.json or tokenizer_config.json); pass template='mistral' or 'llama2'")
+        if not isinstance(messages, list):
+            raise ValueError(f"a chat is a list of messages, got {type(messages).__name__}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise ValueError(f"chat message {i} is a {type(m).__name__}, expected a dict with "
+                                 "'role' and 'content'")
+            for key in ("role", "content"):
+                if not isinstance(m.get(key), str):
+                    found = f"is {m[key]!r:.40}" if key in m else "is missing"
+                    raise ValueError(f"chat message {i}: '{key}' {found}, expected a string")
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         turns = [m["content"] for m in messages[system is not None:]]
         for i, m in enumerate(messages[system is not None:]):
@@ -606,13 +710,13 @@ def detect_template(directory: Path) -> str | None:
     """The chat template of a checkpoint directory, from tokenizer_config.json or its config."""
     tokenizer_config = directory / "tokenizer_config.json"
     if tokenizer_config.is_file():
-        template = json.loads(tokenizer_config.read_text()).get("chat_template") or ""
+        template = read_json(tokenizer_config).get("chat_template") or ""
         if "<<SYS>>" in template:
             return "llama2"
         if "[INST]" in template:
             return "mistral"
     if (directory / "config.json").is_file():
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        model_type = read_json(directory / "config.json").get("model_type")
         return {"llama": "llama2", "mistral": "mistral"}.get(model_type)
     return "mistral" if (directory / "params.json").is_file() else None
 
@@ -643,6 +747,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, rng) -> torch
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
+def check_token_ids(ids: list[int], vocab_size: int, what: str) -> None:
+    """Raises ValueError naming `what` unless ids is a non-empty list of ints in [0, vocab_size)."""
+    if not isinstance(ids, list):
+        raise ValueError(f"{what} is a {type(ids).__name__}, expected a list of token ids")
+    if not ids:
+        raise ValueError(f"{what} is empty: expected at least one token id")
+    bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab_size)), None)
+    if bad is not None:
+        raise ValueError(f"{what} holds token id {bad!r}, outside the model's vocabulary (0 to {vocab_size - 1})")
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -664,8 +779,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text")
+    if not 0 <= max_new_tokens < model.args.max_seq_len:
+        raise ValueError(f"max_new_tokens = {max_new_tokens}: expected 0 to {model.args.max_seq_len - 1} "
+                         f"(the model's window, max_position_embeddings, is {model.args.max_seq_len})")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature = {temperature}, top_p = {top_p}: expected temperature >= 0 "
+                         "and 0 < top_p <= 1")
+    if not isinstance(prompts, list) or not prompts:
+        raise ValueError("generate: prompts should be a non-empty list of token-id lists")
     limit = model.args.max_seq_len - max_new_tokens
     for i, p in enumerate(prompts):
+        check_token_ids(p, model.args.vocab_size, f"prompt {i}")
         if len(p) > limit and not truncate:
             raise ValueError(f"prompt {i} has {len(p)} tokens; the model's window "
                              f"(max_position_embeddings {model.args.max_seq_len}) leaves room for "

@@ -6,7 +6,7 @@ default base itself.
     python train.py --stage sft --init runs/pretrain/checkpoint   # instruction tuning (SPEC 6)
     torchrun --nproc_per_node 8 train.py --base /models/Mistral-7B-Instruct-v0.2 \\
         --data /data/slimpajama --out runs/mistral      # the released recipe, 8 GPUs
-    python train.py --stage base                       # rebuilds data/tiny's base model
+    python train.py --stage base --overwrite           # rebuilds data/tiny's base model
 
 Stages:
   pretrain  self-supervised completion + reconstruction (SPEC 5) on packed text windows;
@@ -19,7 +19,8 @@ Stages:
 Defaults are the authors' released configuration for a full-size base; without --base, the
 embedded tiny preset (printed by --help) replaces them. Every run writes, under --out:
 checkpoint/ (generator.safetensors + generator.json, trainer.pt with optimiser, RNG and data
-position; replaced atomically) and log.jsonl.
+position; replaced atomically) and log.jsonl. An --out that holds an earlier run is refused:
+--resume continues that run, --overwrite deletes it and starts afresh.
 """
 
 import argparse
@@ -27,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -40,10 +42,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
 from data.make_world import FreshWorlds, Ladder
 from data.readers import Instruction, iter_texts, read_instructions
-from generator import AdapterGenerator, GeneratorConfig, split_windows
-from model import ModelArgs, Tokenizer, Transformer, atomic_write, generate, load
+from generator import AdapterGenerator, GeneratorConfig, check_generator_fields, split_windows
+from model import (ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least, check_types, generate,
+                   load)
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "data" / "tiny"
@@ -64,6 +68,7 @@ class TrainConfig:
     init: str = ""  # sft: the pretrained generator to start from
     curriculum: list[str] = field(default_factory=list)  # sft: "rung:steps" phases (Ladder); else --data
     resume: bool = False  # continue the run in --out exactly where it stopped
+    overwrite: bool = False  # start afresh in an --out holding an earlier run, deleting it
     # the generator (SPEC 1, 3)
     target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
     d_r: int = 1024
@@ -92,6 +97,33 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 1000
     device: str = ""  # default: cuda when available
+
+    def __post_init__(self):
+        """Checks every value, naming its flag: a run configured in code is checked like one
+        from the command line, before anything is loaded."""
+        check_types(self, "--")
+        if self.stage not in TINY_PRESETS:
+            raise ValueError(f"--stage {self.stage}: expected one of {list(TINY_PRESETS)}")
+        check_at_least(self, 1, ("steps", "batch_size", "micro_batch", "windows", "eval_interval",
+                                 "eval_batches", "log_interval", "ckpt_interval"), "--")
+        check_at_least(self, 0, ("lr", "weight_decay", "warmup", "epochs"), "--")
+        if self.grad_clip <= 0:
+            raise ValueError(f"--grad_clip: expected a positive gradient norm, got {self.grad_clip}")
+        if self.batch_size % self.micro_batch:
+            raise ValueError(f"--batch_size {self.batch_size} is not a multiple of --micro_batch {self.micro_batch}")
+        if not self.tasks or not set(self.tasks) <= set(TASKS) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"--tasks {','.join(self.tasks)}: expected completion and/or reconstruction")
+        check_generator_fields(self, "--")  # the generator's settings, under GeneratorConfig's names
+        if not self.out:
+            raise ValueError("--out is empty: expected the run directory")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+        if self.stage == "sft" and not self.init and not self.resume:
+            raise ValueError("--stage sft needs --init, the pretrained generator's directory")
+        total = sum(steps for _, steps in curriculum_phases(self.curriculum))
+        if self.curriculum and (self.steps != total or self.epochs):
+            raise ValueError(f"--steps {self.steps}: the --curriculum phases add up to {total} steps "
+                             "(and set the run's length without --epochs)")
 
 
 # The embedded tiny default, applied when --base is not given (flags given explicitly win).
@@ -126,13 +158,16 @@ HELP = {
             "sft: records with 'context', 'prompt', 'answer'; the base stage draws fresh worlds instead)",
     "val_data": "validation files, same format as --data",
     "out": "run directory; checkpoint/ and log.jsonl go there",
-    "init": "sft: directory of the pretrained generator to start from",
+    "init": "sft: directory of the pretrained generator to start from (not read by --resume)",
     "curriculum": "sft: phases RUNG:STEPS, comma separated, climbed in order: each trains on records "
                   "of one rung of data/make_world.py's Ladder (fact, people, documents, streams) about "
                   "the bundled world's train people, validates on its validation people, and restarts "
                   "the learning-rate schedule; the steps add up to --steps. Giving --data without "
                   "--curriculum trains on --data instead",
     "resume": "continue the run in --out from its checkpoint, bit for bit",
+    "overwrite": "start afresh in an --out that holds an earlier run (its checkpoint or logs), "
+                 "deleting its checkpoint/, log.jsonl and validation.jsonl; without --resume or "
+                 "--overwrite such an --out is refused",
     "target_modules": "linear modules that receive an adapter (q_proj ... down_proj)",
     "d_r": "generator width d_r (A1, A2 output)", "r": "generator width r (A3 output, B input)",
     "k": "SVD rank of the adapter", "alpha": "adapter scale s = alpha / r",
@@ -144,7 +179,7 @@ HELP = {
              "for the paper's ablation)",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay (not on norms)",
     "warmup": "linear warm-up steps, then cosine decay to lr / 10",
-    "steps": "optimiser steps", "epochs": "sft: passes over the records (overrides --steps)",
+    "steps": "optimiser steps", "epochs": "sft: passes over the records, instead of --steps (0: use --steps)",
     "batch_size": "global batch in sequences (pretrain, base) or records (sft)",
     "micro_batch": "sequences per device per forward (batch_size / (micro_batch x GPUs) "
                    "gradient-accumulation steps)",
@@ -155,10 +190,23 @@ HELP = {
 }
 
 
+# Flags a stage has no use for, and why: giving one is an error rather than silently ignored.
+GENERATOR_FLAGS = ("target_modules", "d_r", "r", "k", "alpha", "window", "norm", "svd", "svd_niter")
+UNUSED_FLAGS = {
+    "pretrain": (("init", "epochs", "curriculum"), "it is for --stage sft"),
+    "sft": ((*GENERATOR_FLAGS, "windows", "tasks"),
+            "the generator's settings come from --init, and --windows and --tasks are pretraining's"),
+    "base": (("base", "data", "init", "epochs", "curriculum", *GENERATOR_FLAGS, "windows", "tasks"),
+             "it trains the tiny default base on fresh worlds, data/make_world.py"),
+}
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """Flags for every TrainConfig field; defaults: released values, or the tiny preset."""
+    """Flags for every TrainConfig field; defaults: released values, or the tiny preset. Every
+    flag given is used or refused (ValueError naming it)."""
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         tiny = {s: p[f.name] for s, p in TINY_PRESETS.items() if f.name in p}
         tiny = json.loads(json.dumps(tiny).replace(str(ROOT) + "/", ""))  # paths as the README writes them
@@ -171,37 +219,32 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             kind = f.type if f.type in (int, float) else str
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=HELP[f.name] + note)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     stage = given.get("stage", defaults.stage)
-    if stage not in TINY_PRESETS:
-        parser.error(f"--stage {stage}: expected one of {list(TINY_PRESETS)}")
-    preset = TINY_PRESETS[stage] if "base" not in given else (SFT_RELEASED if stage == "sft" else {})
+    unused, why = UNUSED_FLAGS.get(stage, ((), ""))
+    for name in unused:
+        if name in given:
+            raise ValueError(f"--{name} is not used by --stage {stage} ({why})")
+    if "steps" in given and given.get("epochs"):
+        raise ValueError("--steps and --epochs both set the length of the run: give one of them")
+    if "steps" in given:
+        given["epochs"] = 0  # a given --steps wins over the released sft recipe's epochs
+    preset = TINY_PRESETS.get(stage, {}) if "base" not in given else (SFT_RELEASED if stage == "sft" else {})
     for name in ("target_modules", "tasks", "curriculum"):
         if name in given:
             given[name] = given[name].split(",")
     if "data" in given and "curriculum" not in given:
         preset = {k: v for k, v in preset.items() if k != "curriculum"}  # --data replaces the ladder
-    config = TrainConfig(**{**asdict(defaults), **preset, **given})
-    if config.curriculum:
-        if stage != "sft" or "epochs" in given:
-            parser.error("--curriculum is a schedule of --stage sft steps; it takes no --epochs")
-        config.epochs = 0  # the released SFT's epochs give way to the phases' steps
-        try:
-            phases = curriculum_phases(config.curriculum)
-        except ValueError as e:
-            parser.error(f"--curriculum {','.join(config.curriculum)}: {e}")
-        total = sum(steps for _, steps in phases)
-        if "steps" in given and config.steps != total:
-            parser.error(f"--steps {config.steps}: the --curriculum phases add up to {total} steps")
-        config.steps = total
-    if stage == "base" and ("base" in given or "data" in given):
-        parser.error("--stage base trains the tiny default base on fresh worlds (data/make_world.py); "
-                     "it takes no --base or --data")
+    merged = {**asdict(defaults), **preset, **given}
+    if merged["curriculum"]:
+        if given.get("epochs"):
+            raise ValueError("--epochs: a --curriculum sets the run's length by its phases' steps")
+        merged |= {"steps": given.get("steps", sum(n for _, n in curriculum_phases(merged["curriculum"]))),
+                   "epochs": 0}
+    config = TrainConfig(**merged)
     if stage != "base" and "base" in given and not config.data and not config.curriculum:
-        parser.error("--data (or, for sft, --curriculum) is required with --base")
-    unknown = set(config.tasks) - set(TASKS)
-    if unknown or not config.tasks:
-        parser.error(f"--tasks {','.join(config.tasks)}: expected completion and/or reconstruction")
+        raise ValueError("--data (or, for sft, --curriculum) is required with --base "
+                         "(the bundled data is for the tiny base)")
     return config
 
 
@@ -639,7 +682,8 @@ def curriculum_phases(curriculum: list[str]) -> list[tuple[str, int]]:
     for phase in curriculum:
         rung, _, steps = phase.partition(":")
         if rung not in Ladder.RUNGS or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"'{phase}' is not RUNG:STEPS with RUNG in {list(Ladder.RUNGS)} and STEPS > 0")
+            raise ValueError(f"--curriculum {','.join(curriculum)}: '{phase}' is not RUNG:STEPS with RUNG "
+                             f"in {list(Ladder.RUNGS)} and STEPS > 0")
         phases.append((rung, int(steps)))
     return phases
 
@@ -757,12 +801,73 @@ def find_checkpoint(out: Path) -> Path:
     raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}/trainer.pt)")
 
 
-RESUMABLE_CHANGES = {"resume", "steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "device"}
+def read_trainer_state(file: Path) -> dict:
+    """trainer.pt, checked to be readable and complete; errors name the file."""
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        reason = str(err).split(". ")[0] or type(err).__name__
+        raise ValueError(f"{file}: not a readable trainer state (truncated or corrupt?): {reason}") from None
+    missing = [k for k in ("step", "optimizer", "ranks", "config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{file}: not a trainer state written by train.py (missing {missing})")
+    return state
+
+
+RUN_FILES = ("checkpoint", "checkpoint.old", "log.jsonl", "validation.jsonl")
+
+
+def check_run_directory(out: Path, config: TrainConfig) -> None:
+    """A new run may not start where an earlier one left its checkpoint or logs: the checkpoint
+    would be replaced and the two runs' logs mixed. --resume continues the earlier run (which must
+    have a checkpoint), --overwrite deletes it (clear_run) once the new run has read its data."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: expected a run directory")
+    if config.resume:
+        find_checkpoint(out)
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not config.overwrite:
+        raise ValueError(f"--out {out} holds an earlier run ({', '.join(found)}): pass --resume to "
+                         "continue it, or --overwrite to delete it and start afresh")
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: deletes an earlier run's checkpoints and logs, and nothing else in --out."""
+    for path in (out / name for name in (*RUN_FILES, "checkpoint.tmp")):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# Settings a resumed run may change; the others must be those of the checkpoint. --out and --init
+# are not compared: the run resumes from the --out it is given, and --init is read at the start only.
+RESUMABLE_CHANGES = {"resume", "overwrite", "out", "init", "steps", "eval_interval", "eval_batches",
+                     "log_interval", "ckpt_interval", "device"}
+PATH_FIELDS = ("base", "data", "val_data", "out", "init")
+
+
+def portable(path: str, start: Path) -> str:
+    """A path as a checkpoint records it: relative to the repository when inside it, else absolute
+    (a relative path being read from `start`). A moved checkout or run directory still resumes."""
+    if not path:
+        return path
+    full = (start / path).resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(full)
+
+
+def recorded_config(config: dict, start: Path) -> dict:
+    """A TrainConfig as a dict, with its paths made portable."""
+    paths = {k: [portable(p, start) for p in v] if isinstance(v, list) else portable(v, start)
+             for k, v in config.items() if k in PATH_FIELDS}
+    return {**config, **paths}
 
 
 def check_resumed_config(saved: dict, config: TrainConfig) -> None:
-    """A resumed run must keep its hyperparameters; changing the step budget only warns."""
-    current = asdict(config)
+    """A resumed run must keep its hyperparameters; changing the step budget only warns. The
+    checkpoint's paths are portable (relative to the repository); the current ones are made so."""
+    saved, current = recorded_config(saved, ROOT), recorded_config(asdict(config), Path.cwd())
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
         raise ValueError("--resume with different hyperparameters: " + ", ".join(
@@ -778,7 +883,7 @@ def check_resumed_config(saved: dict, config: TrainConfig) -> None:
 
 def setup_distributed(config: TrainConfig):
     """Rank, world size and device, from torchrun's environment when present."""
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cli.pick_device(config.device)
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -835,10 +940,9 @@ def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
                                 config, config.seed + rank)
         val = lambda phase: PretrainBatches(TextStream(config.val_data, tokenizer, length, config.window),
                                             config, 12345)
-    else:
-        if not config.init:
-            raise ValueError("--stage sft needs --init, the pretrained generator's directory")
-        generator = AdapterGenerator.load(config.init, base.args, device)
+    else:  # resuming, the checkpoint's generator (its weights are restored again by resume())
+        start = find_checkpoint(Path(config.out)) if config.resume else config.init
+        generator = AdapterGenerator.load(start, base.args, device)
         w = generator.config.window
         if config.curriculum:
             train = CurriculumBatches(config, tokenizer, w, config.batch_size // (config.micro_batch * world),
@@ -871,6 +975,9 @@ def build_base(config: TrainConfig, rank: int, world: int, device: torch.device)
     train = BaseBatches(fresh, fresh, L)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
+    if not texts or not records:
+        raise ValueError(f"--stage base: --val_data {' '.join(config.val_data)} needs text files and "
+                         "instruction files (those with 'instructions' in their name)")
     examples = [chat_example(tokenizer, user_turn(r.prompt, r.context), r.answer)
                 for path in records for r in read_instructions(path)]
     fitting = [e for e in examples if len(e[0]) <= L]
@@ -897,6 +1004,7 @@ def main(argv=None) -> Path:
         raise ValueError(f"--batch_size {config.batch_size} is not a multiple of --micro_batch "
                          f"{config.micro_batch} x {world} processes")
     out = Path(config.out)
+    check_run_directory(out, config)
     out.mkdir(parents=True, exist_ok=True)
     run = build(config, rank, world, device)
     if config.stage == "sft" and config.epochs:
@@ -907,32 +1015,42 @@ def main(argv=None) -> Path:
     if config.resume:
         step = resume(out, config, run, optimizer, rank, world, device)
     val_phase, val_batches = None, None
+
+    def next_micro_batches():  # one optimiser step's batches, read after the last checkpoint's
+        return [run.train.next(config.micro_batch).to(device) for _ in range(accum)]
+
+    micro = next_micro_batches() if step < config.steps else []  # bad data shows before the progress bar
+    if config.overwrite and rank == 0:  # only now that the new run has its model and data
+        clear_run(out)
     per_task = config.stage == "base"
     if rank == 0:
         print(f"{config.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, "
               f"{config.steps} steps of {config.batch_size} on {world} x {device}")
     bar = tqdm(total=config.steps, initial=step, desc=config.stage, disable=rank != 0, dynamic_ncols=True)
     started, tokens_seen, last_log = time.time(), 0, None
-    while step < config.steps:
-        micro = [run.train.next(config.micro_batch).to(device) for _ in range(accum)]
-        sums, counts, fired, grad_norm = train_step(run.forward, params, micro, optimizer,
-                                                     learning_rate(step, config), config, len(run.tasks),
-                                                     run.ddp, per_task)
-        step += 1
-        tokens_seen += sum(int(b.mask.sum()) for b in micro) * world
-        if step % config.log_interval == 0 or step == config.steps:
-            last_log = log_step(out, step, config, run.tasks, sums, counts, fired, grad_norm,
-                                tokens_seen / (time.time() - started), world, rank, bar)
-        bar.update(1)
-        if step % config.eval_interval == 0 or step == config.steps:
-            phase = phase_at(step - 1, config)[0]
-            if phase != val_phase:
-                val_phase, val_batches = phase, [run.val(phase).next(config.micro_batch).to(device)
-                                                 for _ in range(config.eval_batches)]
-            validate(run, val_batches, config, rank, step, out)
-        if step % config.ckpt_interval == 0 or step == config.steps:
-            write_checkpoint(out, config, run, optimizer, step, rank, world)
-    bar.close()
+    try:
+        while step < config.steps:
+            sums, counts, fired, grad_norm = train_step(run.forward, params, micro, optimizer,
+                                                         learning_rate(step, config), config, len(run.tasks),
+                                                         run.ddp, per_task)
+            step += 1
+            tokens_seen += sum(int(b.mask.sum()) for b in micro) * world
+            if step % config.log_interval == 0 or step == config.steps:
+                last_log = log_step(out, step, config, run.tasks, sums, counts, fired, grad_norm,
+                                    tokens_seen / (time.time() - started), world, rank, bar)
+            bar.update(1)
+            if step % config.eval_interval == 0 or step == config.steps:
+                phase = phase_at(step - 1, config)[0]
+                if phase != val_phase:
+                    val_phase, val_batches = phase, [run.val(phase).next(config.micro_batch).to(device)
+                                                     for _ in range(config.eval_batches)]
+                validate(run, val_batches, config, rank, step, out)
+            if step % config.ckpt_interval == 0 or step == config.steps:
+                write_checkpoint(out, config, run, optimizer, step, rank, world)
+            if step < config.steps:
+                micro = next_micro_batches()
+    finally:
+        bar.close()  # an error then starts on a line of its own
     if rank == 0:
         finish(out, config, run, last_log, time.time() - started)
     if world > 1:
@@ -997,7 +1115,8 @@ def write_checkpoint(out: Path, config: TrainConfig, run: Run, optimizer, step: 
     else:
         ranks = [mine]
     if rank == 0:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": asdict(config)}
+        state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks,
+                 "config": recorded_config(asdict(config), Path.cwd())}
         save_checkpoint(out, run.save_weights, state)
     if world > 1:
         dist.barrier()
@@ -1006,7 +1125,9 @@ def write_checkpoint(out: Path, config: TrainConfig, run: Run, optimizer, step: 
 def resume(out: Path, config: TrainConfig, run: Run, optimizer, rank: int, world: int, device) -> int:
     """Restores weights, optimiser, RNG and data position; returns the step to continue from."""
     path = find_checkpoint(out)
-    state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    state = read_trainer_state(path / "trainer.pt")
+    if state["step"] > config.steps:
+        raise ValueError(f"--steps {config.steps}: {path} is at step {state['step']} already")
     check_resumed_config(state["config"], config)
     if len(state["ranks"]) != world:
         raise ValueError(f"--resume: {path} was written by {len(state['ranks'])} processes, this run has {world}")
@@ -1029,16 +1150,27 @@ def resume(out: Path, config: TrainConfig, run: Run, optimizer, rank: int, world
 
 
 def drop_lines_after(path: Path, step: int) -> None:
-    """Forgets what a crashed run logged after its last checkpoint: those steps are redone."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
+    """Forgets what a crashed run logged after its last checkpoint: those steps are redone. A last
+    line the crash cut short is dropped too; an unreadable line elsewhere is an error."""
+    if not path.exists():
+        return
+    lines, kept = path.read_text().splitlines(), []
+    for number, line in enumerate(lines, 1):
+        try:
+            logged = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number == len(lines):  # torn by the crash
+                break
+            raise ValueError(f"{path}:{number}: not a log line of train.py (a JSON object with 'step')") from None
+        if logged <= step:
+            kept.append(line)
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
 
 def finish(out: Path, config: TrainConfig, run: Run, last_log: dict | None, seconds: float) -> None:
     """The final summary, and in the base stage the model written beside its tokenizer."""
     checkpoint = out / "checkpoint"
-    print(f"\ndone in {seconds / 60:.1f} min; final log line: {json.dumps(last_log)}")
+    print(f"\ndone in {seconds / 60:.1f} min" + (f"; final log line: {json.dumps(last_log)}" if last_log else ""))
     if config.stage == "base":
         run.module.save_pretrained(out)
         if not (out / "tokenizer.model").exists():
@@ -1054,4 +1186,4 @@ def finish(out: Path, config: TrainConfig, run: Run, last_log: dict | None, seco
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "train.py")

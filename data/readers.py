@@ -56,19 +56,26 @@ class Instruction:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                message = f"{path}:{line_no}: invalid JSON ({e.msg}); expected one JSON object per line"
-                raise ValueError(message) from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+    gz = path.name.endswith(".gz")
+    line_no = 0
+    try:
+        with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    message = f"{path}:{line_no}: invalid JSON ({e.msg}); expected one JSON object per line"
+                    raise ValueError(message) from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                yield line_no, record
+    except FileNotFoundError:
+        raise
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # binary, not gzip, or cut short
+        expected = "gzip-compressed UTF-8 text" if gz else "UTF-8 text"
+        raise ValueError(f"{path}:{line_no + 1}: unreadable ({e}); expected {expected}") from None
 
 
 def _field(record: dict, name: str, expected: type, where: str, label: str = ""):
@@ -140,23 +147,26 @@ def read_instructions(path: str | Path) -> list[Instruction]:
 def read_streamingqa(path: str | Path) -> list[QARecord]:
     """The CaMeLS StreamingQA CSV: one row per question, gold answers joined by a backslash."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        found = reader.fieldnames or []
-        missing = [c for c in STREAMINGQA_COLUMNS if c not in found]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
-                             f"columns found: {', '.join(found) or 'none'}")
-        records = []
-        for row_no, row in enumerate(reader, 1):
-            where = f"{path}: row {row_no} (line {reader.line_num})"
-            for column in STREAMINGQA_COLUMNS:
-                if row[column] is None:
-                    raise ValueError(f"{where}: no '{column}' cell (the row has fewer cells than the header)")
-            answers = [a.strip() for a in row["answers"].split("\\") if a.strip()]
-            if not answers:
-                raise ValueError(f"{where}: column 'answers' is empty (expected answers joined by a backslash)")
-            records.append(QARecord(row["text"], row["question"], answers))
+    records = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            found = reader.fieldnames or []
+            missing = [c for c in STREAMINGQA_COLUMNS if c not in found]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                 f"columns found: {', '.join(found) or 'none'}")
+            for row_no, row in enumerate(reader, 1):
+                where = f"{path}: row {row_no} (line {reader.line_num})"
+                for column in STREAMINGQA_COLUMNS:
+                    if row[column] is None:
+                        raise ValueError(f"{where}: no '{column}' cell (the row has fewer cells than the header)")
+                answers = [a.strip() for a in row["answers"].split("\\") if a.strip()]
+                if not answers:
+                    raise ValueError(f"{where}: column 'answers' is empty (expected answers joined by a backslash)")
+                records.append(QARecord(row["text"], row["question"], answers))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: unreadable ({e}); expected UTF-8 text") from None
     return records
 
 
@@ -170,6 +180,8 @@ def read_metaicl_config(path: str | Path) -> dict[str, list[str]]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: unreadable ({e}); expected UTF-8 JSON") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object with 'train' and 'test' lists")
     for split in ("train", "test"):

@@ -45,3 +45,9 @@ def spm_path(tmp_path_factory):
         pad_id=-1, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
     return folder / "tokenizer.model"
+
+
+@pytest.fixture(autouse=True)
+def one_line_errors(monkeypatch):
+    """Tests of the scripts' one-line errors hold whatever the developer's GA_TRACEBACK."""
+    monkeypatch.delenv("GA_TRACEBACK", raising=False)

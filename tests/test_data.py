@@ -239,6 +239,21 @@ def test_iter_texts_errors(tmp_path):
     assert list(iter_texts([tmp_path / "dir"])) == ["plain", "zipped"]
 
 
+def test_unreadable_files(tmp_path):
+    zipped = gzip.compress(b'{"text": "zipped"}\n' * 200)
+    (tmp_path / "cut.jsonl.gz").write_bytes(zipped[:len(zipped) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not zipped"}\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    for name, message in [("cut.jsonl.gz", r"cut\.jsonl\.gz:\d+: unreadable \(Compressed file ended"),
+                          ("plain.jsonl.gz", r"plain\.jsonl\.gz:1: unreadable \(Not a gzipped file"),
+                          ("latin1.jsonl", r"latin1\.jsonl:1: unreadable \('utf-8' codec can't decode")]:
+        with pytest.raises(ValueError, match=message):
+            list(iter_texts(tmp_path / name))
+    (tmp_path / "q.csv").write_bytes("text,question,answers\ncaf\u00e9,q,a\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"q\.csv: unreadable .*; expected UTF-8 text"):
+        read_streamingqa(tmp_path / "q.csv")
+
+
 def test_streamingqa_errors(tmp_path):
     path = write(tmp_path / "q.csv", "text,query,answers\ndoc,q,a\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) question; columns found: text, query, answers"):

@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,9 @@ def test_every_task_and_method_end_to_end(tiny, task):
     assert methods == set(evaluate.METHODS)
     out = tiny / task
     assert (out / "results.md").read_text().count("| adapter |") >= 2
+    saved = json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"bare {name}"))
+    if task == "metaicl":  # both test tasks are classification: no accuracy over non-classification ones
+        assert all(r["non_classification_accuracy"] is None for r in saved["rows"] if r["task"] == "all")
     for m in evaluate.METHODS:
         lines = [json.loads(x) for x in (out / f"predictions_{m}.jsonl").read_text().splitlines()]
         expected = {"streamingqa": 2 * 8, "metaicl": 2 * 2 * 2 * 2, "msc": 2}[task]
@@ -177,7 +183,7 @@ def test_same_kind_answers():
     assert sum(len(alike(r)) == evaluate.RANK_CANDIDATES for r in records) > len(records) / 2
 
 
-def test_recall_probe(tiny, capsys):
+def test_recall_probe(tiny):
     units = evaluate.recall_units([1, 5], 3)
     assert [u.key["facts"] for u in units] == [1, 1, 1, 5, 5, 5]
     for u in units:  # n sentences about n people; the answer is stated once
@@ -187,9 +193,10 @@ def test_recall_probe(tiny, capsys):
                              "--max_new_tokens", "4", "--out", str(tiny / "recall"), "--device", "cpu"])
     assert {(r["method"], r["facts"]) for r in results["rows"]} == {(m, n) for m in ("prompt", "adapter") for n in (1, 5)}
     assert "EM by facts in the context" in (tiny / "recall" / "results.md").read_text()
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="the recall probe makes its contexts"):
         evaluate.parse_args(["--task", "recall", "--data", "x.csv"])
-    assert "the recall probe makes its contexts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--facts is not used by --task streamingqa"):
+        evaluate.parse_args(["--task", "streamingqa", "--facts", "4"])
 
 
 def test_reruns_are_identical(tiny):
@@ -230,6 +237,41 @@ def test_generator_for_another_base(tiny, tmp_path):
     with pytest.raises(ValueError, match="holds a generator for the base .* but this base is"):
         evaluate.main(["--task", "msc", "--base", str(other), "--generator", str(tiny / "gen"),
                        "--methods", "adapter", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("flag, value, low", [("limit", "0", 1), ("limit", "-1", 1), ("batch_size", "0", 1),
+                                              ("max_new_tokens", "0", 1), ("ft_lr", "-0.1", 0)])
+def test_numbers_out_of_range(flag, value, low):
+    with pytest.raises(ValueError, match=f"--{flag}: expected at least {low}, got {value}"):
+        evaluate.parse_args(["--task", "msc", f"--{flag}", value])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "rag,rag"], "--methods rag,rag: expected some of closed_book,prompt,rag,finetune,adapter, each once"),
+    (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter method, which "
+                                                         "--methods closed_book leaves out"),
+    (["--methods", "adapter", "--ft_rank", "4"], "--ft_rank is only used by the finetune method"),
+    (["--shots", "4"], r"--shots is not used by --task msc \(it is for --task metaicl\)"),
+    (["--context_lengths", "128"], "--context_lengths is not used by --task msc"),
+    (["--out", ""], "--out is empty"),
+    (["--task", "metaicl", "--shots", "0"], "--shots: expected at least 1, got 0"),
+])
+def test_flag_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate.parse_args(["--task", "msc", *argv])  # a later --task wins
+
+
+def test_flags_given_as_zero_are_honoured():
+    args = evaluate.parse_args(["--task", "msc", "--ft_epochs", "0", "--ft_lr", "0", "--seed", "0"])
+    assert (args.ft_epochs, args.ft_lr, args.seed, args.limit) == (0, 0.0, 0, 100)
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--task", "metaicl", "--shots", "32",
+                           "--methods", "closed_book", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (done.returncode, done.stderr) == (2, "evaluate.py: error: --shots 32: job_to_shift_16_100_train.jsonl "
+                                                 "has only 16 demonstrations\n")
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")

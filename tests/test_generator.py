@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_args
 from generator import (AdapterGenerator, ContextState, GeneratorConfig, LoRA, export_peft,
                        guard, merged, randomized_svd, split_windows, svd_normalize)
+from model import Tokenizer
 
 W, w = 4, 8  # windows and window length of the equivalence tests
 
@@ -368,11 +369,19 @@ def test_gradients_reach_only_the_generator():
     ({"target_modules": ["out_proj"]}, "GeneratorConfig.target_modules: unknown module 'out_proj'"),
     ({"norm": "spectral"}, "GeneratorConfig.norm = 'spectral': expected 'svd' or 'frobenius'"),
     ({"svd": "lanczos"}, "GeneratorConfig.svd = 'lanczos': expected 'exact' or 'randomized'"),
-    ({"window": 0}, "GeneratorConfig.window = 0 must be positive"),
+    ({"window": 0}, "GeneratorConfig.window: expected at least 1, got 0"),
+    ({"alpha": -1.0}, "GeneratorConfig.alpha: expected a positive scale, got -1.0"),
+    ({"d_r": "16"}, "GeneratorConfig.d_r: expected int, got '16'"),
+    ({"target_modules": "o_proj"}, r"GeneratorConfig.target_modules: expected list\[str\], got 'o_proj'"),
 ])
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
         AdapterGenerator(tiny_args(), tiny_config(**change))
+
+
+def test_window_longer_than_the_base_fails():
+    with pytest.raises(ValueError, match=r"GeneratorConfig.window = 64 is longer than the base's window \(max_seq_len 32\)"):
+        AdapterGenerator(tiny_args(max_seq_len=32), tiny_config(window=64))
 
 
 def test_loading_against_another_base_fails(tmp_path):
@@ -390,3 +399,40 @@ def test_state_for_another_generator_fails(tmp_path):
     other = AdapterGenerator(model.args, tiny_config(d_r=8))
     with pytest.raises(ValueError, match="s.safetensors: state of modules .* does not fit this generator"):
         ContextState.load(tmp_path / "s.safetensors", other)
+
+
+def test_empty_text_gives_the_empty_state(spm_path):
+    # "" is no tokens, as [] is: a lone BOS would make a full-strength adapter
+    model, gen = make()
+    state = gen.contextualize(model, "", tokenizer=Tokenizer(spm_path))
+    assert state.tokens == 0 and all(not s.any() for s in state.S.values())
+
+
+def test_context_and_state_errors(tmp_path):
+    model, gen = make()
+    other = AdapterGenerator(model.args, tiny_config(d_r=8))
+    with pytest.raises(ValueError, match=r"contextualize\(state=...\): state of modules \{'o_proj': \(2, 8, 12\)\} "
+                                         r"does not fit this generator \(\{'o_proj': \(2, 16, 12\)\}\)"):
+        gen.contextualize(model, [3, 4], state=other.empty_state())
+    with pytest.raises(ValueError, match=r"the context holds token id 320, outside the model's vocabulary \(0 to 319\)"):
+        gen.contextualize(model, [3, 320])
+    save_file(gen.empty_state().S, tmp_path / "bare.safetensors")  # no metadata
+    with pytest.raises(ValueError, match="bare.safetensors: metadata 'tokens' is missing"):
+        ContextState.load(tmp_path / "bare.safetensors", gen)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: "{oops", r"generator.json: not valid JSON \(Expecting property name"),
+    (lambda meta: json.dumps({"config": meta["config"]}), "generator.json: missing field 'base'"),
+    (lambda meta: json.dumps({**meta, "config": {**meta["config"], "rank": 4}}),
+     r"generator.json: unknown config field\(s\) \['rank'\]; expected some of \['target_modules'"),
+    (lambda meta: json.dumps({**meta, "config": {**meta["config"], "k": "4"}}),
+     "generator.json: GeneratorConfig.k: expected int, got '4'"),
+])
+def test_generator_json_errors(tmp_path, edit, message):
+    _, gen = make()
+    gen.save(tmp_path)
+    meta = json.loads((tmp_path / "generator.json").read_text())
+    (tmp_path / "generator.json").write_text(edit(meta))
+    with pytest.raises(ValueError, match=message):
+        AdapterGenerator.load(tmp_path, gen.args)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_args
 from model import (KVCache, ModelArgs, Tokenizer, Transformer, apply_rope, generate, load,
@@ -382,6 +382,12 @@ def test_error_missing_and_unexpected_keys(tmp_path):
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type 'linear' is not implemented"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters.rope_type 'yarn' is not implemented"),
     ({"hidden_size": None}, "missing field 'hidden_size'"),
+    ({"hidden_size": "64"}, "field 'hidden_size' is \"64\", expected an integer >= 1"),
+    ({"num_hidden_layers": 2.5}, "field 'num_hidden_layers' is 2.5, expected an integer >= 1"),
+    ({"rms_norm_eps": -1e-5}, "field 'rms_norm_eps' is -1e-05, expected a positive number"),
+    ({"tie_word_embeddings": "no"}, "field 'tie_word_embeddings' is \"no\", expected true or false"),
+    ({"rope_scaling": "linear"}, "field 'rope_scaling' is \"linear\", expected an object"),
+    ({"num_key_value_heads": 3}, "ModelArgs.n_heads = 4 is not a multiple of n_kv_heads = 3"),
 ])
 def test_error_config_fields(saved, change, message):
     cfg = json.loads((saved / "config.json").read_text())
@@ -390,6 +396,49 @@ def test_error_config_fields(saved, change, message):
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"config.json: {message}"):
         Transformer.from_pretrained(saved)
+
+
+def test_error_json_files(saved):
+    index = saved / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="model.safetensors.index.json: missing field 'weight_map'"):
+        Transformer.from_pretrained(saved)
+    (saved / "config.json").write_text("{'hidden_size': 64}")
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON \(Expecting property name"):
+        Transformer.from_pretrained(saved)
+    (saved / "config.json").write_text("[64]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, found list"):
+        Transformer.from_pretrained(saved)
+
+
+def test_error_non_finite_weight(tmp_path):
+    random_model(tiny_args()).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("inf")
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' "
+                                         r"holds NaN or infinite values \(as torch.float32\)"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_generation_and_chat_input_errors(spm_path):
+    model = random_model(tiny_args())  # vocabulary of 320
+    for prompts, message in [([[1, 320]], r"prompt 0 holds token id 320, outside the model's vocabulary \(0 to 319\)"),
+                             ([[1, 2], [-1]], "prompt 1 holds token id -1"), ([[1], []], "prompt 1 is empty"),
+                             ([], "prompts should be a non-empty list"),
+                             ([torch.tensor([1, 2])], "prompt 0 is a Tensor, expected a list of token ids")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, prompts, 4)
+    with pytest.raises(ValueError, match="max_new_tokens = -1: expected 0 to 127"):
+        generate(model, [[1]], -1)
+    tok = Tokenizer(spm_path, template="mistral")
+    for messages, message in [([{"role": "user"}], "chat message 0: 'content' is missing, expected a string"),
+                              ([{"role": "user", "content": None}], "chat message 0: 'content' is None, expected a string"),
+                              ([{"role": "user", "content": "a"}, "b"], "chat message 1 is a str, expected a dict")]:
+        with pytest.raises(ValueError, match=message):
+            tok.encode_chat(messages)
+    with pytest.raises(ValueError, match=r"token id 320 is outside the vocabulary of .*tokenizer.model \(0 to 319\)"):
+        tok.decode([5, 320])
 
 
 def test_error_tokenizer_files(tmp_path, saved, spm_path):

@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import train
 from conftest import random_model, tiny_args
 from data.readers import Instruction
@@ -212,12 +215,12 @@ def test_curriculum_phases_and_learning_rate():
     (["--curriculum", "fact:10,novels:5"], "'novels:5' is not RUNG:STEPS"),
     (["--curriculum", "fact:0"], "'fact:0' is not RUNG:STEPS"),
     (["--curriculum", "fact:10", "--steps", "20"], "the --curriculum phases add up to 10 steps"),
-    (["--curriculum", "fact:10", "--epochs", "2"], "takes no --epochs"),
+    (["--curriculum", "fact:10", "--epochs", "2"], "a --curriculum sets the run's length"),
+    (["--stage", "pretrain", "--curriculum", "fact:10"], "--curriculum is not used by --stage pretrain"),
 ])
-def test_curriculum_flag_errors(flags, message, capsys):
-    with pytest.raises(SystemExit):
+def test_curriculum_flag_errors(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         train.parse_args(["--stage", "sft", *flags])
-    assert message in capsys.readouterr().err
 
 
 def test_curriculum_run_resumes_bit_identically(world, tmp_path, monkeypatch):
@@ -420,8 +423,87 @@ def test_generator_for_another_base(world, tmp_path):
                     "--out", str(tmp_path / "sft"), "--batch_size", "1", "--micro_batch", "1"])
 
 
-def test_flag_errors():
-    with pytest.raises(SystemExit):
-        train.parse_args(["--tasks", "completion,translation"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--base", "/somewhere"])  # --data is required with --base
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps: expected at least 1, got 0"),
+    (["--steps", "-1"], "--steps: expected at least 1, got -1"),
+    (["--batch_size", "0"], "--batch_size: expected at least 1, got 0"),
+    (["--micro_batch", "3"], "--batch_size 16 is not a multiple of --micro_batch 3"),
+    (["--lr", "-0.001"], "--lr: expected at least 0, got -0.001"),
+    (["--grad_clip", "0"], "--grad_clip: expected a positive gradient norm, got 0.0"),
+    (["--log_interval", "0"], "--log_interval: expected at least 1, got 0"),
+    (["--k", "200"], r"--k = 200 is larger than min\(d_r, r\) = 128"),
+    (["--tasks", "completion,translation"], "--tasks completion,translation: expected completion and/or reconstruction"),
+    (["--stage", "finetune"], r"--stage finetune: expected one of \['pretrain', 'sft', 'base'\]"),
+    (["--stage", "sft", "--k", "8"], r"--k is not used by --stage sft \(the generator's settings come from --init"),
+    (["--stage", "base", "--data", "x.jsonl"], "--data is not used by --stage base"),
+    (["--init", "runs/x"], "--init is not used by --stage pretrain"),
+    (["--stage", "sft", "--steps", "5", "--epochs", "2"], "--steps and --epochs both set the length of the run"),
+    (["--stage", "sft", "--init", ""], "--stage sft needs --init"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite deletes it"),
+    (["--out", ""], "--out is empty"),
+    (["--base", "/somewhere"], "is required with --base"),
+])
+def test_flag_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(argv)
+
+
+def test_flags_given_as_zero_are_honoured():
+    config = train.parse_args(["--weight_decay", "0", "--warmup", "0", "--lr", "0", "--svd_niter", "0", "--seed", "0"])
+    assert (config.weight_decay, config.warmup, config.lr, config.svd_niter, config.seed) == (0, 0, 0, 0, 0)
+    released = ["--stage", "sft", "--base", "b", "--data", "d.jsonl", "--init", "g"]  # SFT_RELEASED: 2 epochs
+    assert train.parse_args(released).epochs == 2
+    assert train.parse_args(released + ["--epochs", "0"]).epochs == 0
+    assert (train.parse_args(released + ["--steps", "7"]).epochs, train.parse_args(released + ["--steps", "7"]).steps) == (0, 7)
+    with pytest.raises(ValueError, match="--steps: expected at least 1, got 0"):
+        train.TrainConfig(steps=0)  # a run configured in code is checked too
+
+
+def test_an_earlier_run_is_kept_until_resumed_or_overwritten(world, tmp_path):
+    train.main(args(world, tmp_path, "--steps", "3"))
+    with pytest.raises(ValueError, match=r"--out .* holds an earlier run \(checkpoint, log.jsonl, validation.jsonl\): "
+                                         "pass --resume to continue it, or --overwrite to delete it"):
+        train.main(args(world, tmp_path, "--steps", "3"))
+    trainer = tmp_path / "checkpoint" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:1000])  # a disk fault: the atomic swap rules out a torn write
+    with pytest.raises(ValueError, match=r"checkpoint/trainer.pt: not a readable trainer state \(truncated or corrupt\?\)"):
+        train.main(args(world, tmp_path, "--steps", "4", "--resume"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):  # the earlier run survives a failed start
+        train.main(args(world, tmp_path, "--steps", "2", "--overwrite", "--data", str(tmp_path / "missing.jsonl")))
+    assert [r["step"] for r in log(tmp_path)] == [1, 2, 3]
+    train.main(args(world, tmp_path, "--steps", "2", "--overwrite"))
+    assert [r["step"] for r in log(tmp_path)] == [1, 2]  # the first run's lines are gone
+    assert torch.load(trainer, weights_only=True)["step"] == 2
+
+
+def test_resume_in_a_moved_checkout_after_a_torn_log_line(world, tmp_path, monkeypatch):
+    # the run and its data inside the repository, which then moves; the crash tore the last log line
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(world, old)
+    monkeypatch.setattr(train, "ROOT", old)
+    train.main(args(old, old / "run", "--steps", "3"))
+    assert torch.load(old / "run" / "checkpoint" / "trainer.pt", weights_only=True)["config"]["base"] == "base"
+    with open(old / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 2.')
+    old.rename(new)
+    monkeypatch.setattr(train, "ROOT", new)
+    train.main(args(new, new / "run", "--steps", "4", "--resume"))
+    assert [r["step"] for r in log(new / "run")] == [1, 2, 3, 4]
+
+
+def test_command_line_errors_are_one_line(world, tmp_path, capsys):
+    sft = ["--stage", "sft", "--base", str(world / "base"), "--data", str(world / "train.jsonl"),
+           "--init", str(tmp_path / "none"), "--out", str(tmp_path / "sft")]
+    for argv, message in [
+            (args(world, tmp_path / "a", "--data", str(tmp_path / "missing.jsonl")), "missing.jsonl: no such file"),
+            (args(world, tmp_path / "b", "--resume"), "--resume: no checkpoint in"),
+            (sft, "none/generator.json does not exist"), (["--steps", "0"], "--steps: expected at least 1, got 0")]:
+        with pytest.raises(SystemExit) as exit:
+            cli.run(train.main, "train.py", argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("train.py: error: ") and message in err and err.count("\n") == 1
+    # the script itself: one line on stderr, exit status 2
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(world, tmp_path / "c", "--data", "nowhere.jsonl")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (done.returncode, done.stderr) == (2, "train.py: error: nowhere.jsonl: no such file or directory "
+                                                 "(expected .jsonl/.jsonl.gz files)\n")

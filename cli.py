@@ -1,0 +1,63 @@
+"""What the command-line scripts (train.py, evaluate.py, bench.py) share: errors reported in one
+line, the --device flag, and result files in strict JSON.
+
+Bad input (a flag, a data file, a checkpoint) raises ValueError or OSError with a message that
+names the flag, file or field and what was expected. `run` reports it as argparse reports its own
+errors: one line `train.py: error: <message>` on stderr, exit status 2. With GA_TRACEBACK=1 in the
+environment the exception propagates with its full traceback instead. Any other exception is a
+bug, and keeps its traceback.
+"""
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+TRACEBACK = "GA_TRACEBACK"
+EPILOG = (f"Errors in the input are reported in one line, with exit status 2; set {TRACEBACK}=1 "
+          "in the environment to see the full traceback.")
+
+
+def run(main, prog: str, argv: list[str] | None = None):
+    """Returns main(argv); bad input ends the program with one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as err:
+        if os.environ.get(TRACEBACK, "0") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The --device flag: cpu, cuda or cuda:N (default: cuda when available, else cpu)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available to torch {torch.__version__}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def strict_json(value) -> str:
+    """JSON text of results, with NaN and infinities written as null (Python's json module writes
+    them bare, which JSON readers other than Python's reject)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(value), indent=2, allow_nan=False)

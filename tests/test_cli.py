@@ -1,0 +1,47 @@
+"""cli.py: what the command-line scripts share (one-line errors, --device, strict JSON)."""
+
+import json
+
+import pytest
+import torch
+
+import cli
+
+
+def fails(exception):
+    def main(argv):
+        raise exception
+    return main
+
+
+def test_bad_input_is_one_line_with_exit_status_2(capsys):
+    for error in (ValueError("--steps: expected at least 1,\ngot 0"), FileNotFoundError("x.jsonl: no such file")):
+        with pytest.raises(SystemExit) as exit:
+            cli.run(fails(error), "train.py", [])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err == f"train.py: error: {' '.join(str(error).split())}\n"
+    assert cli.run(lambda argv: argv, "train.py", ["--steps", "3"]) == ["--steps", "3"]
+
+
+def test_traceback_on_request_and_for_bugs(monkeypatch):
+    with pytest.raises(KeyError):  # not bad input: a bug keeps its traceback
+        cli.run(fails(KeyError("step")), "train.py")
+    monkeypatch.setenv(cli.TRACEBACK, "1")
+    with pytest.raises(ValueError, match="expected at least 1"):
+        cli.run(fails(ValueError("--steps: expected at least 1, got 0")), "train.py")
+
+
+def test_device_flag():
+    assert cli.pick_device("cpu") == torch.device("cpu")
+    assert cli.pick_device(None).type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="--device gpu: expected cpu, cuda or cuda:N"):
+        cli.pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
+            cli.pick_device("cuda")
+
+
+def test_results_are_strict_json():
+    text = cli.strict_json({"accuracy": float("nan"), "rows": [{"tokens_per_s": float("inf"), "f1": 0.5}]})
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert strict == {"accuracy": None, "rows": [{"tokens_per_s": None, "f1": 0.5}]}
