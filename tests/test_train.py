@@ -198,6 +198,25 @@ def test_sft_batches_bucket_by_size_and_resume():
         train.RecordBatches([], 0, train.sft_batch)  # rather than loop forever looking for one
 
 
+def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=lambda: True) -> None:
+    """Runs train.main(argv), killed (KeyboardInterrupt) once step `at_step` is logged, checks
+    `check()`, then resumes it with --resume."""
+    real_log = train.log_step
+
+    def interrupt(out, step, *a, **kw):
+        record = real_log(out, step, *a, **kw)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return record
+
+    monkeypatch.setattr(train, "log_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    assert check()
+    monkeypatch.setattr(train, "log_step", real_log)
+    train.main(argv + ["--resume"])
+
+
 def test_curriculum_phases_and_learning_rate():
     config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,streams:20", "--warmup", "2"])
     assert config.steps == 30 and config.curriculum == ["fact:10", "streams:20"]
@@ -233,19 +252,7 @@ def test_curriculum_run_resumes_bit_identically(world, tmp_path, monkeypatch):
                                "--eval_batches", "1", "--log_interval", "1", "--ckpt_interval", "4",
                                "--warmup", "1", "--device", "cpu", *extra]
     train.main(sft(tmp_path / "straight"))
-    real_log = train.log_step
-
-    def interrupt(out, step, *a, **kw):
-        record = real_log(out, step, *a, **kw)
-        if step == 5:
-            raise KeyboardInterrupt
-        return record
-
-    monkeypatch.setattr(train, "log_step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(sft(tmp_path / "resumed"))
-    monkeypatch.setattr(train, "log_step", real_log)
-    train.main(sft(tmp_path / "resumed", "--resume"))
+    interrupted_then_resumed(sft(tmp_path / "resumed"), 5, monkeypatch)
     keep = ("step", "loss", "lr", "grad_norm", "svd_guard_fired")
     straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
     assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
@@ -283,20 +290,9 @@ def test_sft_stage_runs_from_a_pretrained_generator(world, tmp_path):
 
 def test_resume_is_bit_identical(world, tmp_path, monkeypatch):
     train.main(args(world, tmp_path / "straight"))
-    real_log = train.log_step
-
-    def interrupt(out, step, *a, **kw):  # the run dies two steps after its checkpoint of step 3
-        record = real_log(out, step, *a, **kw)
-        if step == 5:
-            raise KeyboardInterrupt
-        return record
-
-    monkeypatch.setattr(train, "log_step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args(world, tmp_path / "resumed"))
-    assert [r["step"] for r in log(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(train, "log_step", real_log)
-    train.main(args(world, tmp_path / "resumed", "--resume"))
+    # the run dies two steps after its checkpoint of step 3
+    interrupted_then_resumed(args(world, tmp_path / "resumed"), 5, monkeypatch,
+                             lambda: [r["step"] for r in log(tmp_path / "resumed")] == [1, 2, 3, 4, 5])
     straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
     keep = ("step", "loss", "loss_completion", "loss_reconstruction", "lr", "grad_norm")
     assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
