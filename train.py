@@ -1042,7 +1042,8 @@ def main(argv=None) -> Path:
             if step % config.eval_interval == 0 or step == config.steps:
                 phase = phase_at(step - 1, config)[0]
                 if phase != val_phase:
-                    val_phase, val_batches = phase, [run.val(phase).next(config.micro_batch).to(device)
+                    source = run.val(phase)
+                    val_phase, val_batches = phase, [source.next(config.micro_batch).to(device)
                                                      for _ in range(config.eval_batches)]
                 validate(run, val_batches, config, rank, step, out)
             if step % config.ckpt_interval == 0 or step == config.steps:
