@@ -217,6 +217,15 @@ def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=l
     train.main(argv + ["--resume"])
 
 
+def test_validation_reads_successive_batches(world, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "validate", lambda run, batches, *a: seen.append(batches))
+    train.main(args(world, tmp_path, "--steps", "2", "--eval_interval", "1", "--eval_batches", "3"))
+    first, second = seen  # drawn once, then reused: every validation sees the same batches
+    assert first is second and len(first) == 3
+    assert not torch.equal(first[0].tokens, first[1].tokens) and not torch.equal(first[1].tokens, first[2].tokens)
+
+
 def test_curriculum_phases_and_learning_rate():
     config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,streams:20", "--warmup", "2"])
     assert config.steps == 30 and config.curriculum == ["fact:10", "streams:20"]
