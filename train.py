@@ -136,7 +136,7 @@ TINY_PRESETS = {
     "sft": dict(data=[str(WORLD / "instructions_train.jsonl.gz")],
                 val_data=[str(WORLD / "instructions_validation.jsonl")], out="runs/sft",
                 init="runs/pretrain/checkpoint", lr=1e-3, warmup=30, epochs=0,
-                curriculum=["fact:600", "people:1500", "documents:900", "streams:600"],
+                curriculum=["fact:600", "people:1500", "documents:900"],
                 batch_size=16, micro_batch=16, eval_interval=300, eval_batches=4,
                 log_interval=5, ckpt_interval=300),
     "base": dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],

@@ -894,7 +894,7 @@ class Ladder:
       fact       one fact of one person in one sentence ("Maro Velin was born in Tesk.");
       people     1-4 people with 1-3 facts each, one sentence per fact, shuffled;
       documents  1-3 documents with distractors, as in instructions_train (qa_instruction);
-      streams    4-16 documents (about 250-1000 tokens, several windows), a question on any one.
+      streams    3-8 documents (about 150-600 tokens, several windows), a question on any one.
 
     In "fact" and "people" the values are drawn at random for each record (a person's birthplace
     differs between records), so the answer can only come from the context. Names come from the
@@ -920,7 +920,7 @@ class Ladder:
             return self._facts(split, rng, people=1 if rung == "fact" else rng.randint(1, 4),
                                facts=1 if rung == "fact" else None)
         documents = documents_about(self.world, split, rng.randint(1, 3) if rung == "documents"
-                                    else rng.randint(4, 16), rng)
+                                    else rng.randint(3, 8), rng)
         phrasings, answers = rng.choice(rng.choice(documents).questions)
         return {"context": "\n\n".join(d.text for d in documents), "prompt": rng.choice(phrasings),
                 "answer": answers[0]}

@@ -206,7 +206,7 @@ def test_ladder_rungs():
     assert len(asked) > 5 and sum(t == r["answer"] for t, r in zip(true, asked)) < len(asked) / 3
     words = {rung: sum(len(r["context"].split()) for r in records[rung, "train"]) / 120 for rung in ladder.RUNGS}
     assert words["fact"] < words["people"] < words["documents"] < words["streams"]
-    assert words["streams"] > 250  # several 64-token windows
+    assert words["streams"] > 150  # several 64-token windows
     # a quarter of a rung's records replay the rungs below it
     replayed = sum(len(r["context"].split()) < 60 for r in records["streams", "train"]) / 120
     assert 0.1 < replayed < 0.4
