@@ -448,16 +448,16 @@ def sft_batch(examples, pad_id: int = 0) -> Batch:
 
 
 class PretrainBatches:
-    """Micro-batches of SPEC 5 examples from a TextStream."""
+    """Micro-batches of SPEC 5 examples from a TextStream, with the given tasks' windows."""
 
-    def __init__(self, stream: TextStream, config: TrainConfig, seed: int):
-        self.stream, self.config = stream, config
+    def __init__(self, stream: TextStream, config: TrainConfig, seed: int, tasks=None):
+        self.stream, self.config, self.tasks = stream, config, tasks or config.tasks
         self.rng = torch.Generator().manual_seed(seed)
-        self.visible, self.task = pretraining_layout(config.windows, config.tasks)
+        self.visible, self.task = pretraining_layout(config.windows, self.tasks)
 
     def next(self, n: int) -> Batch:
         c = self.config
-        parts = [pretraining_example(self.stream.next(), c.windows, c.window, c.tasks, self.rng) for _ in range(n)]
+        parts = [pretraining_example(self.stream.next(), c.windows, c.window, self.tasks, self.rng) for _ in range(n)]
         tokens, mask, targets = (torch.stack(p) for p in zip(*parts))
         return Batch(tokens, mask, targets, self.visible, self.task[:, None])
 
@@ -938,8 +938,9 @@ def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
         length = config.windows * config.window
         train = PretrainBatches(TextStream(config.data, tokenizer, length, config.window, rank, world),
                                 config, config.seed + rank)
+        # validation measures both tasks whatever --tasks trains (the paper's Table 2 ablation)
         val = lambda phase: PretrainBatches(TextStream(config.val_data, tokenizer, length, config.window),
-                                            config, 12345)
+                                            config, 12345, TASKS)
     else:  # resuming, the checkpoint's generator (its weights are restored again by resume())
         start = find_checkpoint(Path(config.out)) if config.resume else config.init
         generator = AdapterGenerator.load(start, base.args, device)

@@ -217,6 +217,14 @@ def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=l
     train.main(argv + ["--resume"])
 
 
+@pytest.mark.parametrize("task", ["completion", "reconstruction"])
+def test_validation_measures_both_tasks_of_an_ablation(world, tmp_path, task):
+    train.main(args(world, tmp_path, "--steps", "1", "--tasks", task))
+    validation = json.loads((tmp_path / "validation.jsonl").read_text())
+    assert set(validation["ppl_with_adapter"]) == set(validation["ppl_base_alone"]) == set(train.TASKS)
+    assert set(log(tmp_path)[0]) >= {f"loss_{task}"} and not set(log(tmp_path)[0]) & {f"loss_{t}" for t in train.TASKS if t != task}
+
+
 def test_validation_reads_successive_batches(world, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(train, "validate", lambda run, batches, *a: seen.append(batches))
