@@ -31,6 +31,7 @@ import string
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 import cli
 from data.make_world import Ladder
-from data.readers import read_metaicl, read_metaicl_config, read_msc, read_streamingqa
+from data.readers import QARecord, read_metaicl, read_metaicl_config, read_msc, read_streamingqa
 from generator import AdapterGenerator, LoRA, merged, module_widths, split_windows
 from model import ModelArgs, Tokenizer, Transformer, check_at_least, generate, load
 from train import chat_example, context_ids, user_turn
@@ -273,7 +274,7 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
 RANK_CANDIDATES = 16  # the gold and up to 15 other answers of the same kind
 
 
-def same_kind_answers(records) -> callable:
+def same_kind_answers(records) -> Callable[[QARecord], list[str]]:
     """record -> [its first gold, then up to 15 first golds of other questions of the same kind]
     (a question's kind: its first two words, and whether the answer is a number: other cities
     for a birthplace question, other years for a year). Fixed per record, whatever the budget."""
