@@ -207,8 +207,9 @@ def svd_normalize(S: torch.Tensor, config: GeneratorConfig, generator=None):
 
 
 def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None, k: int):
-    """SPEC 5, the SVD gradient guard: a window whose SVD backward would divide by (nearly)
-    zero has its adapter dropped for this step (P set to zero) and no gradient through its SVD.
+    """The SVD gradient guard of the authors' released code: a window whose SVD backward would
+    divide by (nearly) zero has its adapter dropped for this step (P set to zero) and no gradient
+    through its SVD.
 
     The release fires on any two top singular values within 1e-7 of each other. With
     NormalizedSVD's backward only one such pair matters: the last kept direction and the first

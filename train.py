@@ -120,7 +120,7 @@ class TrainConfig:
             raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them")
         if self.stage == "sft" and not self.init and not self.resume:
             raise ValueError("--stage sft needs --init, the pretrained generator's directory")
-        total = sum(steps for _, steps in curriculum_phases(self.curriculum))
+        total = curriculum_steps(self.curriculum)
         if self.curriculum and (self.steps != total or self.epochs):
             raise ValueError(f"--steps {self.steps}: the --curriculum phases add up to {total} steps "
                              "(and set the run's length without --epochs)")
@@ -239,8 +239,7 @@ def parse_args(argv=None) -> TrainConfig:
     if merged["curriculum"]:
         if given.get("epochs"):
             raise ValueError("--epochs: a --curriculum sets the run's length by its phases' steps")
-        merged |= {"steps": given.get("steps", sum(n for _, n in curriculum_phases(merged["curriculum"]))),
-                   "epochs": 0}
+        merged |= {"steps": given.get("steps", curriculum_steps(merged["curriculum"])), "epochs": 0}
     config = TrainConfig(**merged)
     if stage != "base" and "base" in given and not config.data and not config.curriculum:
         raise ValueError("--data (or, for sft, --curriculum) is required with --base "
@@ -686,6 +685,11 @@ def curriculum_phases(curriculum: list[str]) -> list[tuple[str, int]]:
                              f"in {list(Ladder.RUNGS)} and STEPS > 0")
         phases.append((rung, int(steps)))
     return phases
+
+
+def curriculum_steps(curriculum: list[str]) -> int:
+    """The optimiser steps of a curriculum: its phases' steps added up."""
+    return sum(steps for _, steps in curriculum_phases(curriculum))
 
 
 def phase_at(step: int, config: TrainConfig) -> tuple[int, int, int]:

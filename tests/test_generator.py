@@ -335,7 +335,7 @@ def test_windows_shorter_than_k_train_as_they_stream():
     assert fired.item() == 0
     loss = torch.nn.functional.cross_entropy(parallel.flatten(0, 2), target.flatten())
     grads = torch.autograd.grad(loss, list(gen.parameters()))
-    state, streamed = gen.empty_state(), []  # SPEC 3's loop, with autograd on
+    state, streamed = gen.empty_state(), []  # the streaming loop (paper Sec. 3), with autograd on
     for t in range(W):
         adapter = gen.on_the_fly(state) if t else None
         logits, hidden = model(tokens[:, t], adapter=adapter, return_hidden=True)
