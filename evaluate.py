@@ -10,6 +10,8 @@ and on an associative-recall probe (how many one-sentence facts a context can ca
 Every method runs on the same frozen base (SPEC 7):
   closed_book  the query alone;
   prompt       the context, then the query, in the prompt (cut from the left to the window);
+  prompt_oracle  MSC only: the earlier session that holds the answer, alone, then the query (an
+               upper bound that shows whether the base can read a dialogue at all);
   rag          the best 100-word chunk of the context by Okapi BM25, then the query;
   finetune     test-time LoRA fine-tuning of the base on the context (the paper's SFT /
                continual-pretraining baseline; few-shot fine-tuning for MetaICL);
@@ -47,7 +49,8 @@ from model import ModelArgs, Tokenizer, Transformer, check_at_least, generate, l
 from train import chat_example, context_ids, user_turn
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ("closed_book", "prompt", "rag", "finetune", "adapter")
+METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter")
+ORACLE_TASKS = ("msc",)  # the tasks whose units know which part of the context holds the answer
 DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
                 "msc": "data/world/msc_self_instruct_test.jsonl"}
 MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20}
@@ -235,6 +238,7 @@ class Unit:
     demos: list[tuple[str, str]] = field(default_factory=list)  # MetaICL: (input, output)
     options: list[str] = field(default_factory=list)  # MetaICL classification labels
     candidates: list[list[str]] = field(default_factory=list)  # StreamingQA: per query, gold first
+    oracle: str = ""  # MSC: the earlier session that holds the answer
 
 
 def group_documents(documents: list[str], lengths: list[int], budget: int) -> list[list[int]]:
@@ -328,8 +332,15 @@ def msc_units(path, limit: int) -> list[Unit]:
     units = []
     for record in read_msc(path)[:limit]:
         sessions = ["\n".join(f"{speaker}: {text}" for speaker, text in dialog) for dialog in record.previous_dialogs]
-        units.append(Unit("\n\n".join(sessions), [record.question], [[record.answer]], {}))
+        units.append(Unit("\n\n".join(sessions), [record.question], [[record.answer]], {},
+                          oracle=oracle_session(sessions, record.answer)))
     return units
+
+
+def oracle_session(sessions: list[str], answer: str) -> str:
+    """The session that holds the answer: the one covering most of its words (ROUGE-L recall),
+    the latest on a tie."""
+    return max(reversed(sessions), key=lambda session: rouge_l_recall(session, answer))
 
 
 # -----------------------------------------------------------------------------
@@ -440,12 +451,13 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     args, extra_tokens, extra_flops, storage, adapter = model.args, 0, 0, None, None
     scope = contextlib.nullcontext()
     prompts = [query_prompt(tokenizer, q) for q in unit.queries]
-    if method in ("prompt", "rag"):
+    if method in ("prompt", "prompt_oracle", "rag"):
         budget = args.max_seq_len - settings.max_new_tokens
-        contexts = [unit.context if method == "prompt" else best_chunk(q, unit.context) for q in unit.queries]
+        context = {"prompt": unit.context, "prompt_oracle": unit.oracle}.get(method)
+        contexts = [context or best_chunk(q, unit.context) for q in unit.queries]
         prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
-        if method == "prompt":
-            storage = kv_cache_floats(args, len(context_ids(tokenizer, unit.context)))
+        if method != "rag":
+            storage = kv_cache_floats(args, len(context_ids(tokenizer, context)))
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
@@ -574,7 +586,8 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc", "recall"],
                    help="the benchmark; recall: the associative-recall probe on generated facts")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default: all of {','.join(METHODS)})")
+                   help=f"comma-separated methods (default: all of {','.join(METHODS)}; prompt_oracle "
+                        "for --task msc only)")
     p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
     p.add_argument("--generator", default=None,
                    help="generator directory, generator.json + generator.safetensors (default: data/tiny/generator)")
@@ -601,10 +614,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default: runs/eval/<task>)")
     p.add_argument("--seed", type=int, default=None, help="seed of the fine-tuning baseline (default: 0)")
     args = p.parse_args(argv)
-    methods = args.methods.split(",") if args.methods is not None else list(METHODS)
+    methods = args.methods.split(",") if args.methods is not None else \
+        [m for m in METHODS if m != "prompt_oracle" or args.task in ORACLE_TASKS]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise ValueError(f"--methods {args.methods}: expected some of {','.join(METHODS)}, each once")
+    if "prompt_oracle" in methods and args.task not in ORACLE_TASKS:
+        raise ValueError(f"--methods prompt_oracle: only --task {' or '.join(ORACLE_TASKS)} knows which part of "
+                         "the context holds the answer")
     for name, task in TASK_FLAGS.items():
         if getattr(args, name) is not None and args.task != task:
             raise ValueError(f"--{name} is not used by --task {args.task} (it is for --task {task})")

@@ -14,7 +14,7 @@ Stages:
             window, loss on the answer only (SPEC 6);
   base      trains the tiny Mistral-architecture base of the embedded default from scratch, on
             text and instruction records (context in the prompt) about worlds invented on the fly
-            (data/make_world.py), so that it knows none of the facts in data/world/.
+            (data/fresh_worlds.py), so that it knows none of the facts in data/world/.
 
 Defaults are the authors' released configuration for a full-size base; without --base, the
 embedded tiny preset (printed by --help) replaces them. Every run writes, under --out:
@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cli
-from data.make_world import FreshWorlds, Ladder
+from data.fresh_worlds import FreshWorlds
+from data.make_world import Ladder
 from data.readers import Instruction, iter_texts, read_instructions
 from generator import AdapterGenerator, GeneratorConfig, check_generator_fields, split_windows
 from model import (ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least, check_types, generate,
@@ -197,7 +198,7 @@ UNUSED_FLAGS = {
     "sft": ((*GENERATOR_FLAGS, "windows", "tasks"),
             "the generator's settings come from --init, and --windows and --tasks are pretraining's"),
     "base": (("base", "data", "init", "epochs", "curriculum", *GENERATOR_FLAGS, "windows", "tasks"),
-             "it trains the tiny default base on fresh worlds, data/make_world.py"),
+             "it trains the tiny default base on fresh worlds, data/fresh_worlds.py"),
 }
 
 
@@ -563,9 +564,9 @@ class CurriculumBatches:
 
 
 class FreshSource:
-    """The base stage's endless training data: text windows and instruction examples
-    about worlds invented on the spot (data/make_world.FreshWorlds); draw i of rank r is a
-    function of (seed, r, i), so a counter is all the state."""
+    """The base stage's endless training data: text windows (alternately about fresh worlds and
+    about the library) and instruction examples of every kind (data/fresh_worlds.py); draw i of
+    rank r is a function of (seed, r, i), so a counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0):
         self.tokenizer, self.length, self.prefix = tokenizer, length, f"{seed}/{rank}"
@@ -578,7 +579,8 @@ class FreshSource:
     def next(self) -> list[int]:
         """A text window of `length` tokens (BOS, then documents)."""
         while True:
-            ids = self.tokenizer.encode(self.worlds.text(self._key()))
+            key = self._key()
+            ids = self.tokenizer.encode(self.worlds.text(key, library=self.count % 2 == 0))
             if len(ids) >= self.length:
                 return ids[:self.length]
 
@@ -599,9 +601,10 @@ class FreshSource:
 
 
 class BaseBatches:
-    """The base stage's rows, one window each: an eighth are text windows (loss 'text' on every
+    """The base stage's rows, one window each: a quarter are text windows (loss 'text' on every
     token), the rest are instruction examples (chat template, context in the prompt)
-    packed one after another, with the loss 'answer' on their answers and 'text' on the rest.
+    packed one after another, with the loss 'answer' on their answers and 'text' on the rest
+    (in a few-shot example, the demonstrations' outputs too).
 
     `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
     """
@@ -615,7 +618,7 @@ class BaseBatches:
         mask = torch.zeros(n, 1, L, dtype=torch.bool)
         task = torch.zeros(n, 1, L, dtype=torch.long)
         for i in range(n):
-            if i < n // 8:
+            if i < n // 4:
                 ids, answer = self.texts.next(), [-100] * L
             else:  # pack whole examples; the one that does not fit is dropped
                 ids, answer = [], []
@@ -1082,6 +1085,11 @@ def log_step(out, step, config, tasks, sums, counts, fired, grad_norm, tokens_pe
     return record
 
 
+# What the base stage validates on fresh records besides the files: in-context learning of invented
+# tasks, dialogue memory, and closed-book answers about the library's entities never asked about.
+BASE_SKILLS = ("fewshot", "dialogue", "closed_book")
+
+
 def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int, out: Path) -> None:
     """Generator stages: perplexity per task with the generated adapter and with the base alone.
     Base stage: perplexity, and answer accuracy with and without the context in the prompt.
@@ -1094,9 +1102,14 @@ def validate(run: Run, val_batches, config: TrainConfig, rank: int, step: int, o
         qa = [r for r in records if r.context and len(run.tokenizer.encode(user_turn(r.prompt, r.context))) < 200][:64]
         em_context = answer_accuracy(run.module, run.tokenizer, qa, with_context=True)
         em_closed = answer_accuracy(run.module, run.tokenizer, qa, with_context=False)
+        skills = {kind: answer_accuracy(run.module, run.tokenizer, [Instruction(r["context"], r["prompt"], r["answer"])
+                                                                   for r in run.train.records.worlds.validation(kind, 64)],
+                                        with_context=True) for kind in BASE_SKILLS}
         tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
-                   f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}")
-        record = {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed}
+                   f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
+                   + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()))
+        record = {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed,
+                  **{f"exact_match_{kind}": em for kind, em in skills.items()}}
     else:
         plain = lambda b: (run.base(b.tokens.flatten(0, 1), logits_at=b.supervised.flatten(0, 1)), None)
         adapted = perplexities(lambda b: run.module(run.base, b.tokens, b.mask, b.visible, b.supervised),

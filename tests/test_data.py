@@ -14,7 +14,7 @@ import sentencepiece as spm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `data` imports under a bare `pytest` too
 
-from data import make_world  # noqa: E402
+from data import fresh_worlds, make_world  # noqa: E402
 from data.readers import (iter_texts, read_instructions, read_metaicl, read_metaicl_config, read_msc,  # noqa: E402
                           read_streamingqa)
 
@@ -173,18 +173,71 @@ def test_no_validation_or_test_entity_in_training_files():
 
 
 def test_fresh_worlds_for_the_base_name_nothing_of_the_files():
-    fresh = make_world.FreshWorlds()
+    fresh = fresh_worlds.FreshWorlds()
     entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]
     committed = set().union(*(set(names["name_words"]) for names in entities.values()))
-    drawn = [fresh.text(str(i)) for i in range(30)]
-    records = [fresh.instruction(str(i)) for i in range(60)]
+    drawn = [fresh.text(str(i), library=i % 2 == 0) for i in range(30)]
+    records = [fresh.instruction(str(i)) for i in range(200)]
     drawn += [" ".join([r["context"], r["prompt"], r["answer"], *(q + " " + a for q, a in r["follow_ups"])])
               for r in records]
-    assert sum(len(r["follow_ups"]) for r in records) > 30  # QA records ask several questions
+    kinds = [r["kind"] for r in records]
+    assert all(abs(kinds.count(kind) / len(kinds) - share) < 0.06 for kind, share in fresh_worlds.MIX.items())
+    assert sum(len(r["follow_ups"]) for r in records) > 60  # QA records ask several questions
     assert not words_in(drawn) & committed
-    assert fresh.text("7") == make_world.FreshWorlds().text("7")  # a function of the key
+    assert fresh.text("7") == fresh_worlds.FreshWorlds().text("7")  # a function of the key
+    assert fresh.instruction("7") == fresh_worlds.FreshWorlds().instruction("7")
     assert fresh.text("7") != fresh.text("8")
     assert len(words_in(drawn) - words_in(split_words("train"))) > 100  # new names all the time
+
+
+def test_fresh_record_kinds():
+    fresh = fresh_worlds.FreshWorlds()
+    library = {e.name for e in fresh.asked + fresh.held_out}
+    held_out = {e.name for e in fresh.held_out}
+    for kind in ("qa", "fewshot", "dialogue"):
+        for r in fresh.validation(kind, 40):
+            assert r["kind"] == kind and r["context"]
+            assert not any(name in r["context"] + r["prompt"] for name in library)  # the library stays apart
+            if kind == "fewshot":  # demonstrations and the query, as evaluate.py shows MetaICL
+                demos = r["context"].split("\n\n")
+                assert all(re.fullmatch(r"Input: [^\n]+\nOutput: [^\n]+", d) for d in demos)
+                assert re.fullmatch(r"Input: [^\n]+\nOutput:", r["prompt"])
+            else:  # the answer is in the context; in a dialogue, in a line of Speaker 1
+                lines = r["context"].split("\n") if kind == "dialogue" else [r["context"]]
+                assert any(r["answer"] in line and (kind == "qa" or line.startswith("Speaker 1: "))
+                           for line in lines), r
+    for r in fresh.validation("closed_book", 40):  # no context, about the library's held-out half
+        assert r["context"] == "" and any(name in r["prompt"] for name in held_out)
+    trained = [fresh.record("closed_book", make_world.random.Random(i)) for i in range(300)]
+    assert not any(name in r["prompt"] for r in trained for name in held_out)  # never asked in training
+    assert all(any(name in r["prompt"] for name in library) for r in trained)
+    texts = " ".join(fresh.text(str(i), library=True) for i in range(20))
+    assert sum(name in texts for name in held_out) > len(held_out) / 2  # the held-out half is read about
+    with pytest.raises(ValueError, match="record kind 'text': expected one of"):
+        fresh.record("text", make_world.random.Random(0))
+
+
+def test_invented_tasks_are_never_the_metaicl_test_tasks():
+    fresh = fresh_worlds.FreshWorlds()
+    world = fresh.world
+    train_tasks, test_tasks = make_world.build_tasks(world, 0)
+    test_labels = {label.lower() for t in test_tasks for label in t.options}
+    assert not test_labels & {label.lower() for label in fresh_worlds.LABELS}
+    assert test_labels & {w.lower() for w in world.label_words} <= fresh.taken  # never invented either
+    people = world.splits["test"].people[:10]
+    name_swap = next(t for t in test_tasks if t.name == "name_swap")
+    same = [name_swap.example(p) for p in people]
+    assert fresh_worlds.computes_a_test_task(same, people, test_tasks)  # the check sees a copy
+    other = [(x, y + "!") for x, y in same]
+    assert not fresh_worlds.computes_a_test_task(other, people, test_tasks)
+    labels, formats = set(), set()
+    for i in range(300):
+        rng = make_world.random.Random(f"test/{i}")
+        task, examples = fresh.invented_task(world, make_world.NameMaker(rng), rng, "people", people)
+        assert not fresh_worlds.computes_a_test_task(examples, people, test_tasks)
+        (labels.update(task.options) if task.options else formats.add(re.sub(r"\w+", "w", examples[0][1])))
+    assert not {label.lower() for label in labels} & test_labels
+    assert len(labels) > 40 and len(formats) > 15  # many tasks, not a few
 
 
 def test_ladder_rungs():

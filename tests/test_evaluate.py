@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,13 +132,14 @@ def test_every_task_and_method_end_to_end(tiny, task):
     results = run(tiny, task, task)
     assert torch.is_grad_enabled()  # main() must not switch autograd off for the caller
     methods = {r["method"] for r in results["rows"]}
-    assert methods == set(evaluate.METHODS)
+    expected_methods = set(evaluate.METHODS) - ({"prompt_oracle"} if task != "msc" else set())
+    assert methods == expected_methods
     out = tiny / task
     assert (out / "results.md").read_text().count("| adapter |") >= 2
     saved = json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"bare {name}"))
     if task == "metaicl":  # both test tasks are classification: no accuracy over non-classification ones
         assert all(r["non_classification_accuracy"] is None for r in saved["rows"] if r["task"] == "all")
-    for m in evaluate.METHODS:
+    for m in expected_methods:
         lines = [json.loads(x) for x in (out / f"predictions_{m}.jsonl").read_text().splitlines()]
         expected = {"streamingqa": 2 * 8, "metaicl": 2 * 2 * 2 * 2, "msc": 2}[task]
         assert len(lines) == expected and all("prediction" in x for x in lines)
@@ -152,6 +154,7 @@ def test_every_task_and_method_end_to_end(tiny, task):
         assert "gold answer's normalised rank" in (out / "results.md").read_text()
     if task == "msc":  # a row per method, a column per metric
         assert "| method | F1 | EM | ROUGE-L recall |" in (out / "results.md").read_text()
+        assert "| prompt_oracle |" in (out / "results.md").read_text()
     if task == "metaicl":
         summary = [r for r in results["rows"] if r["task"] == "all"]
         assert {r["shots"] for r in summary} == {1, 2} and all("classification_accuracy" in r for r in summary)
@@ -170,6 +173,27 @@ def test_gold_rank_equals_scoring_each_answer_alone(tiny):
             logp.append(sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)))
         above = sum(x > logp[0] for x in logp[1:])
         assert rank == {"gold_rank": above / (len(answers) - 1), "gold_top1": float(above == 0)}
+
+
+def test_msc_oracle_is_the_session_that_states_the_answer():
+    units = evaluate.msc_units(WORLD / "msc_self_instruct_test.jsonl", 100)
+    for unit in units:
+        sessions = unit.context.split("\n\n")
+        assert unit.oracle in sessions
+        stated = [s for s in sessions if re.search(rf"^Speaker 1: .*\b{re.escape(unit.golds[0][0])}\b", s, re.M)]
+        assert unit.oracle == stated[-1]  # the session where Speaker 1 says it
+    assert evaluate.oracle_session(["a b", "c d", "b c"], "b") == "b c"  # the latest on a tie
+    assert evaluate.oracle_session(["a b", "c d"], "c d") == "c d"
+
+
+def test_oracle_prompt_holds_the_oracle_session_only(tiny, monkeypatch):
+    model, tokenizer = evaluate.load(tiny / "base", "cpu")
+    unit = evaluate.Unit("first session\n\nSpeaker 1: I have a dog named Rex.", ["What is my dog called?"],
+                         [["Rex"]], {}, oracle="Speaker 1: I have a dog named Rex.")
+    asked = []
+    monkeypatch.setattr(evaluate, "answer", lambda model, tok, prompts, *rest, **kw: asked.extend(prompts) or ([""], 1, 1))
+    evaluate.run_method("prompt_oracle", unit, model, tokenizer, None, evaluate.Settings(2, 4, 0, 0.0, 1, 0))
+    assert asked == [evaluate.query_prompt(tokenizer, unit.queries[0], unit.oracle)]
 
 
 def test_same_kind_answers():
@@ -247,7 +271,9 @@ def test_numbers_out_of_range(flag, value, low):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "rag,rag"], "--methods rag,rag: expected some of closed_book,prompt,rag,finetune,adapter, each once"),
+    (["--methods", "rag,rag"], "--methods rag,rag: expected some of closed_book,prompt,prompt_oracle,rag,finetune,"
+                               "adapter, each once"),
+    (["--task", "streamingqa", "--methods", "prompt_oracle"], "--methods prompt_oracle: only --task msc knows"),
     (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter method, which "
                                                          "--methods closed_book leaves out"),
     (["--methods", "adapter", "--ft_rank", "4"], "--ft_rank is only used by the finetune method"),
