@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cli
-from data.fresh_worlds import FreshWorlds
+from data.fresh_worlds import MIX, READING_MIX, FreshWorlds
 from data.make_world import Ladder
 from data.readers import Instruction, iter_texts, read_instructions
 from generator import AdapterGenerator, GeneratorConfig, check_generator_fields, split_windows
@@ -141,12 +141,15 @@ TINY_PRESETS = {
                 batch_size=16, micro_batch=16, eval_interval=300, eval_batches=4,
                 log_interval=5, ckpt_interval=300),
     "base": dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
-                 out=str(TINY), lr=1.5e-3, warmup=100, steps=3400, batch_size=16, micro_batch=16,
-                 weight_decay=0.1, eval_interval=400, eval_batches=8, log_interval=10,
+                 out=str(TINY), lr=1.5e-3, warmup=100, steps=9000, batch_size=16, micro_batch=16,
+                 weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=10,
                  ckpt_interval=200),
 }
 # SPEC 6's released instruction tuning of a full-size base.
 SFT_RELEASED = dict(lr=5e-5, epochs=2, batch_size=32)
+# The base stage draws by READING_MIX first: 120,000 draws (of about 41 a step of 16 rows) are about
+# the first 2,900 steps.
+BASE_READING_DRAWS = 120_000
 # The tiny default base (Mistral architecture, grouped-query attention, a 256-token window).
 TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
                       vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
@@ -565,11 +568,12 @@ class CurriculumBatches:
 
 class FreshSource:
     """The base stage's endless training data: text windows (alternately about fresh worlds and
-    about the library) and instruction examples of every kind (data/fresh_worlds.py); draw i of
-    rank r is a function of (seed, r, i), so a counter is all the state."""
+    about the library) and instruction examples of every kind (data/fresh_worlds.py), drawn by
+    READING_MIX for the first `reading` draws, then by MIX. Draw i of rank r is a function of
+    (seed, r, i), so a counter is all the state."""
 
-    def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0):
-        self.tokenizer, self.length, self.prefix = tokenizer, length, f"{seed}/{rank}"
+    def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0):
+        self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
         self.worlds, self.count = FreshWorlds(), 0
 
     def _key(self) -> str:
@@ -587,7 +591,7 @@ class FreshSource:
     def example(self) -> tuple[list[int], list[int]]:
         """A record in the chat template, context in the prompt, that fits `length` tokens."""
         while True:
-            r = self.worlds.instruction(self._key())
+            r = self.worlds.instruction(self._key(), READING_MIX if self.count < self.reading else MIX)
             ids, targets = chat_example(self.tokenizer, user_turn(r["prompt"], r["context"]), r["answer"],
                                         r["follow_ups"])
             if len(ids) <= self.length:
@@ -979,7 +983,7 @@ def build_base(config: TrainConfig, rank: int, world: int, device: torch.device)
     torch.manual_seed(config.seed)
     model = init_tiny_base(TINY_BASE).to(device)
     L = TINY_BASE.max_seq_len
-    fresh = FreshSource(tokenizer, L, config.seed, rank)
+    fresh = FreshSource(tokenizer, L, config.seed, rank, BASE_READING_DRAWS)
     train = BaseBatches(fresh, fresh, L)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]

@@ -37,6 +37,10 @@ from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, ORG_SENTENCES, PERSON
 KINDS = ("text", "qa", "fewshot", "dialogue", "closed_book")
 # Shares of the instruction records (every kind but text); text windows are drawn separately.
 MIX = {"qa": 0.45, "fewshot": 0.30, "dialogue": 0.15, "closed_book": 0.10}
+# The base stage starts on this mix: reading a context appears first in question answering, and
+# the other kinds build on it (with MIX from the start, exact match with the document in the
+# prompt was 3% after 1,000 steps, against 23% after 800 for a mix of 85% QA).
+READING_MIX = {"qa": 0.85, "fewshot": 0.05, "dialogue": 0.05, "closed_book": 0.05}
 
 # Label words of invented classification tasks: common words, none a label of a MetaICL test task
 # (those are checked against build_tasks' test tasks, with the world's invented label words).
@@ -185,12 +189,12 @@ class FreshWorlds:
             words += len(documents[-1].split())
         return "\n\n".join(documents)
 
-    def instruction(self, key: str) -> dict:
+    def instruction(self, key: str, mix: dict[str, float] = MIX) -> dict:
         """A record {"kind", "context", "prompt", "answer", "follow_ups": [(prompt, answer), ...]}
-        of a kind drawn by MIX (context "" for closed_book)."""
+        of a kind drawn by `mix` (context "" for closed_book)."""
         rng = random.Random(f"fresh/instruction/{key}")
         roll, kind = rng.random(), None
-        for kind, share in MIX.items():
+        for kind, share in mix.items():
             roll -= share
             if roll < 0:
                 break
