@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import string
@@ -44,9 +43,9 @@ from tqdm import tqdm
 import cli
 from data.make_world import Ladder
 from data.readers import QARecord, read_metaicl, read_metaicl_config, read_msc, read_streamingqa
-from generator import AdapterGenerator, LoRA, merged, module_widths, split_windows
-from model import ModelArgs, Tokenizer, Transformer, check_at_least, generate, load
-from train import chat_example, context_ids, user_turn
+from generator import AdapterGenerator, LoRA, ingestion_flops, lora_floats, merged, split_windows
+from model import (Tokenizer, Transformer, answer_text, chat_example, check_at_least, context_ids, forward_flops,
+                   generate, generation_flops, kv_cache_floats, load, module_widths, query_prompt)
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter")
@@ -141,87 +140,6 @@ def best_chunk(query: str, context: str) -> str:
     chunks = chunk_words(context)
     scores = bm25_scores(query, chunks)
     return chunks[max(range(len(chunks)), key=scores.__getitem__)]  # first best on ties
-
-
-# -----------------------------------------------------------------------------
-# Costs: analytic FLOPs, storage, peak memory
-
-
-def matmul_params(args: ModelArgs) -> int:
-    """Weights a token multiplies through: every linear layer and the output head."""
-    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    return args.n_layers * (attn + 3 * args.dim * args.hidden_dim) + args.vocab_size * args.dim
-
-
-def forward_flops(args: ModelArgs, new: int, past: int = 0) -> int:
-    """FLOPs of running `new` tokens after `past` cached ones:
-    2 * matmul_params per token, plus attention: q.k and att.v, 2 * 2 * n_heads * head_dim
-    multiply-adds against each visible key (token t sees past + t + 1 keys)."""
-    keys = new * past + new * (new + 1) // 2
-    return 2 * matmul_params(args) * new + 4 * args.n_layers * args.n_heads * args.head_dim * keys
-
-
-def generation_flops(args: ModelArgs, prompt: int, generated: int) -> int:
-    """Prefill of the prompt, then one token at a time against the cache."""
-    return forward_flops(args, prompt) + sum(forward_flops(args, 1, prompt + t) for t in range(generated))
-
-
-def ingestion_flops(args: ModelArgs, generator: AdapterGenerator, windows: list[int]) -> int:
-    """GenerativeAdapter's one pass over a context (SPEC 3), per window of T tokens: the base
-    forward, then per layer and module K = A2 h, V = A3 h (2 d (d_r + r) per token), K^T V
-    (2 d_r r per token), the randomised SVD ((2 niter + 2) matmuls of 2 d_r r k, plus the
-    (k x r) SVD, ~4 k^2 r) and the LoRA factors (2 k d_r d_in + 2 d_out r k)."""
-    c, widths = generator.config, module_widths(args)
-    per_token = 2 * args.dim * (c.d_r + c.r) + 2 * c.d_r * c.r
-    svd = (2 * c.svd_niter + 2) * 2 * c.d_r * c.r * c.k + 4 * c.k * c.k * c.r
-    lora = sum(2 * c.k * c.d_r * widths[m][0] + 2 * widths[m][1] * c.r * c.k for m in c.target_modules)
-    per_window = args.n_layers * (len(c.target_modules) * svd + lora)
-    return sum(forward_flops(args, T) + args.n_layers * len(c.target_modules) * per_token * T + per_window
-               for T in windows)
-
-
-def kv_cache_floats(args: ModelArgs, tokens: int) -> int:
-    """What prompting keeps per user: keys and values of every context token at every layer."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * tokens
-
-
-def lora_floats(lora: LoRA) -> int:
-    """What GenerativeAdapter keeps per user: the rank-k factors."""
-    return sum(a.numel() + b.numel() for a, b in zip(lora.A.values(), lora.B.values()))
-
-
-class PeakMemory:
-    """Peak memory inside the block: CUDA's allocator on a GPU; on Linux CPUs the process's
-    peak resident set (VmHWM), reset on entry through /proc/self/clear_refs. `peak_mb` is the
-    peak; `extra_mb` the peak less what was in use on entry (what the block itself added)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mb, self.extra_mb = device, None, None
-
-    def _read_mb(self, peak: bool) -> float | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            read = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
-            return read(self.device) / 2**20
-        if not os.path.exists("/proc/self/status"):
-            return None
-        key = "VmHWM" if peak else "VmRSS"
-        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/clear_refs"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        self.start_mb = self._read_mb(peak=False)
-        return self
-
-    def __exit__(self, *exc):
-        self.peak_mb = self._read_mb(peak=True)
-        if self.peak_mb is not None:
-            self.extra_mb = self.peak_mb - self.start_mb
-        return False
 
 
 # -----------------------------------------------------------------------------
@@ -357,10 +275,6 @@ class Settings:
     seed: int
 
 
-def query_prompt(tokenizer: Tokenizer, query: str, context: str | None = None) -> list[int]:
-    return tokenizer.encode_chat([{"role": "user", "content": user_turn(query, context)}])
-
-
 def fitted_prompt(tokenizer: Tokenizer, query: str, context: str, budget: int) -> list[int]:
     """The prompt with the context cut from the left (whole tokens) until it fits `budget`."""
     context_tokens = tokenizer.encode(context, bos=False)
@@ -380,7 +294,7 @@ def answer(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], s
         batch = prompts[i:i + settings.batch_size]
         for prompt, out in zip(batch, generate(model, batch, settings.max_new_tokens, stop=("\n",),
                                                tokenizer=tokenizer, adapter=adapter, truncate=True)):
-            texts.append(tokenizer.decode(out).split("\n")[0].strip())
+            texts.append(answer_text(tokenizer, out))
             tokens += len(prompt) + len(out)
             flops += generation_flops(model.args, len(prompt), len(out))
     return texts, tokens, flops
@@ -610,7 +524,7 @@ def parse_args(argv=None):
     p.add_argument("--ft_epochs", type=int, default=None, help="finetune: epochs over the context (default: 5)")
     p.add_argument("--ft_lr", type=float, default=None, help="finetune: AdamW learning rate (default: 1e-3)")
     p.add_argument("--ft_rank", type=int, default=None, help="finetune: LoRA rank on every linear module (default: 8)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help=cli.DEVICE_HELP)
     p.add_argument("--out", default=None, help="output directory (default: runs/eval/<task>)")
     p.add_argument("--seed", type=int, default=None, help="seed of the fine-tuning baseline (default: 0)")
     args = p.parse_args(argv)
@@ -693,7 +607,7 @@ def main(argv=None) -> dict:
                 group = [u for u in units if u.key.get(column) == value]
                 started = time.time()
                 outputs = []
-                with PeakMemory(device) as peak:
+                with cli.PeakMemory(device) as peak:
                     for unit in tqdm(group, desc=f"{method}" + (f" {column}={value}" if column else ""),
                                      unit="context", leave=False):
                         result = run_method(method, unit, model, tokenizer, generator, settings)

@@ -28,13 +28,15 @@ from torch import nn
 from tqdm import tqdm
 
 from model import (LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least,
-                   check_token_ids, check_types, config_field, read_json, read_safetensors)
+                   check_token_ids, check_types, config_field, forward_flops, module_path, module_widths, read_json,
+                   read_safetensors)
 
 NORM_EPS = 1e-6  # the generator's RMSNorm over hidden states (SPEC 1)
 # SPEC 5's guard: the release drops a window's adapter when two top singular values are within
 # 1e-7 (relative). In float32 an exactly repeated singular value comes out of the SVD with a
 # relative gap of about 6e-7 (tests/test_generator.py), which that threshold misses; 1e-6 catches it.
 GUARD_GAP = 1e-6
+TASKS = ("completion", "reconstruction")  # the self-supervised pretraining tasks
 INFERENCE_SEED = 0  # randomised SVD outside training draws a fixed Gaussian: adapters are reproducible
 
 # -----------------------------------------------------------------------------
@@ -83,13 +85,6 @@ def check_generator_fields(config, prefix: str) -> None:
         raise ValueError(f"{prefix}norm = '{config.norm}': expected 'svd' or 'frobenius'")
     if config.svd not in ("exact", "randomized"):
         raise ValueError(f"{prefix}svd = '{config.svd}': expected 'exact' or 'randomized'")
-
-
-def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of every linear module of the base."""
-    q, kv, d, h = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, h), "up_proj": (d, h), "down_proj": (h, d)}
 
 
 def base_identity(args: ModelArgs) -> dict:
@@ -483,6 +478,23 @@ def split_windows(ids: list[int], window: int) -> list[list[int]]:
     return [ids[i:i + size] for i in range(0, len(ids), size)] if ids else []
 
 
+def pretraining_layout(T: int, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 5's windows: T completion windows, then T reconstruction windows when that task is on.
+
+    Returns visible (W, W), where completion window i sees completion windows j < i and
+    reconstruction window i sees completion windows j <= i (nobody sees a reconstruction
+    window), and task (W,) for each window.
+    """
+    with_reconstruction = "reconstruction" in tasks
+    W = 2 * T if with_reconstruction else T
+    visible = torch.zeros(W, W, dtype=torch.bool)
+    visible[:T, :T] = torch.ones(T, T).tril(-1).bool()  # completion: strictly earlier windows
+    if with_reconstruction:
+        visible[T:, :T] = torch.ones(T, T).tril(0).bool()  # reconstruction i: windows 1..i
+    task = torch.tensor([0] * T + [1] * (W - T))
+    return visible, task
+
+
 # -----------------------------------------------------------------------------
 # The accumulator state and the LoRA form
 
@@ -536,9 +548,7 @@ class LoRA:
 
 
 def module_weight(model: Transformer, layer: int, module: str) -> torch.Tensor:
-    block = model.layers[layer]
-    parent = block.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-    return getattr(parent, module).weight
+    return model.layers[layer].get_submodule(module_path(module)).weight
 
 
 @contextmanager
@@ -561,6 +571,29 @@ def merged(model: Transformer, lora: LoRA):
 
 
 # -----------------------------------------------------------------------------
+# Costs: what the adapter computes and keeps
+
+
+def ingestion_flops(args: ModelArgs, generator: AdapterGenerator, windows: list[int]) -> int:
+    """GenerativeAdapter's one pass over a context (SPEC 3), per window of T tokens: the base
+    forward, then per layer and module K = A2 h, V = A3 h (2 d (d_r + r) per token), K^T V
+    (2 d_r r per token), the randomised SVD ((2 niter + 2) matmuls of 2 d_r r k, plus the
+    (k x r) SVD, ~4 k^2 r) and the LoRA factors (2 k d_r d_in + 2 d_out r k)."""
+    c, widths = generator.config, module_widths(args)
+    per_token = 2 * args.dim * (c.d_r + c.r) + 2 * c.d_r * c.r
+    svd = (2 * c.svd_niter + 2) * 2 * c.d_r * c.r * c.k + 4 * c.k * c.k * c.r
+    lora = sum(2 * c.k * c.d_r * widths[m][0] + 2 * widths[m][1] * c.r * c.k for m in c.target_modules)
+    per_window = args.n_layers * (len(c.target_modules) * svd + lora)
+    return sum(forward_flops(args, T) + args.n_layers * len(c.target_modules) * per_token * T + per_window
+               for T in windows)
+
+
+def lora_floats(lora: LoRA) -> int:
+    """What GenerativeAdapter keeps per user: the rank-k factors."""
+    return sum(a.numel() + b.numel() for a, b in zip(lora.A.values(), lora.B.values()))
+
+
+# -----------------------------------------------------------------------------
 # Export for peft / vLLM
 
 
@@ -573,9 +606,8 @@ def export_peft(lora: LoRA, directory, base_model_name_or_path: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for m in lora.A:
-        part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
         for layer in range(lora.A[m].shape[1]):
-            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            prefix = f"base_model.model.model.layers.{layer}.{module_path(m)}"
             tensors[f"{prefix}.lora_A.weight"] = lora.A[m][0, layer].contiguous()
             tensors[f"{prefix}.lora_B.weight"] = lora.B[m][0, layer].contiguous()
     rank = next(iter(lora.A.values())).shape[2]

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 DeltaFn = Callable[[torch.Tensor], torch.Tensor]
 Adapter = Callable[[int, torch.Tensor], dict[str, DeltaFn]]
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+LINEAR_MODULES = (*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # -----------------------------------------------------------------------------
@@ -218,13 +219,6 @@ class ModelArgs:
             cfg["sliding_window"] = self.sliding_window
         return cfg
 
-    def num_params(self) -> int:
-        """Parameters of the model (the output head counted once when tied)."""
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        block = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.n_layers * block + self.vocab_size * self.dim + head + self.dim
-
 
 # -----------------------------------------------------------------------------
 # Layers
@@ -358,6 +352,20 @@ class Block(nn.Module):
     def forward(self, h, cos, sin, mask, cache, layer, deltas):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer, deltas)
         return h + self.mlp(self.post_attention_layernorm(h), deltas)
+
+
+def module_path(name: str) -> str:
+    """Where a linear module sits in a layer: 'self_attn.q_proj' ... 'mlp.down_proj'."""
+    return f"{'self_attn' if name in ATTENTION_MODULES else 'mlp'}.{name}"
+
+
+def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every linear module of a layer, read off a layer built on the meta
+    device (no memory, no random draws)."""
+    with torch.device("meta"):
+        block = Block(args)
+    linears = {name: block.get_submodule(module_path(name)) for name in LINEAR_MODULES}
+    return {name: (m.in_features, m.out_features) for name, m in linears.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -721,6 +729,42 @@ def detect_template(directory: Path) -> str | None:
     return "mistral" if (directory / "params.json").is_file() else None
 
 
+def user_turn(prompt: str, context: str | None = None) -> str:
+    """The user message of a query: the context (when it is in the prompt), then the prompt."""
+    return f"{context}\n\n{prompt}" if context else prompt
+
+
+def query_prompt(tokenizer: Tokenizer, query: str, context: str | None = None) -> list[int]:
+    """Token ids of a query as one user turn (the context first, when it is in the prompt),
+    ready for the model's answer."""
+    return tokenizer.encode_chat([{"role": "user", "content": user_turn(query, context)}])
+
+
+def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
+    """Token ids of a context as the generator reads it: one user turn of the chat template
+    (the instruction-tuning format of paper §4 and of the released code)."""
+    return query_prompt(tokenizer, context)
+
+
+def chat_example(tokenizer: Tokenizer, prompt: str, answer: str,
+                 follow_ups: list[tuple[str, str]] = ()) -> tuple[list[int], list[int]]:
+    """Token ids of a user turn + assistant answer (then any follow-up (question, answer) turns),
+    and the targets: each answer's tokens (and EOS) where they are predicted, -100 elsewhere,
+    so that the loss is on the answers only."""
+    messages, ids, targets = [], [], []
+    for question, reply in [(prompt, answer), *follow_ups]:
+        messages.append({"role": "user", "content": question})
+        asked = tokenizer.encode_chat(messages)
+        messages.append({"role": "assistant", "content": reply})
+        full = tokenizer.encode_chat(messages)
+        if asked[:len(ids)] != ids or full[:len(asked)] != asked:
+            raise ValueError(f"the chat template tokenises the prompt differently once the answer "
+                             f"follows; cannot mask the prompt of {question[:40]!r}")
+        targets += [-100] * (len(asked) - len(ids) - 1) + full[len(asked):] + [-100]
+        ids = full
+    return ids, targets
+
+
 def load(path, device=None, dtype=None) -> tuple[Transformer, Tokenizer]:
     """The model and the tokenizer.model of a checkpoint directory, checked against each other."""
     model = Transformer.from_pretrained(path, device, dtype)
@@ -819,3 +863,36 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             break
         logits = model(next_tokens[:, None], cache=cache, adapter=adapter)
     return out
+
+
+def answer_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """A generated answer as the evaluations read it: decoded, cut at the first newline, stripped."""
+    return tokenizer.decode(ids).split("\n")[0].strip()
+
+
+# -----------------------------------------------------------------------------
+# Costs: analytic FLOPs and memory of the base
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """Weights a token multiplies through: every linear layer and the output head."""
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    return args.n_layers * (attn + 3 * args.dim * args.hidden_dim) + args.vocab_size * args.dim
+
+
+def forward_flops(args: ModelArgs, new: int, past: int = 0) -> int:
+    """FLOPs of running `new` tokens after `past` cached ones:
+    2 * matmul_params per token, plus attention: q.k and att.v, 2 * 2 * n_heads * head_dim
+    multiply-adds against each visible key (token t sees past + t + 1 keys)."""
+    keys = new * past + new * (new + 1) // 2
+    return 2 * matmul_params(args) * new + 4 * args.n_layers * args.n_heads * args.head_dim * keys
+
+
+def generation_flops(args: ModelArgs, prompt: int, generated: int) -> int:
+    """Prefill of the prompt, then one token at a time against the cache."""
+    return forward_flops(args, prompt) + sum(forward_flops(args, 1, prompt + t) for t in range(generated))
+
+
+def kv_cache_floats(args: ModelArgs, tokens: int) -> int:
+    """What prompting keeps per user: keys and values of every context token at every layer."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * tokens

@@ -46,14 +46,14 @@ import cli
 from data.fresh_worlds import FreshWorlds
 from data.make_world import Ladder
 from data.readers import Instruction, iter_texts, read_instructions
-from generator import AdapterGenerator, GeneratorConfig, check_generator_fields, split_windows
-from model import (ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least, check_types, generate,
-                   load)
+from generator import (TASKS, AdapterGenerator, GeneratorConfig, check_generator_fields, pretraining_layout,
+                       split_windows)
+from model import (ModelArgs, Tokenizer, Transformer, answer_text, atomic_write, chat_example, check_at_least,
+                   check_types, context_ids, generate, load, query_prompt, user_turn)
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "data" / "tiny"
 WORLD = ROOT / "data" / "world"
-TASKS = ("completion", "reconstruction")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -187,7 +187,7 @@ HELP = {
     "grad_clip": "clip the gradient norm to this", "seed": "random seed",
     "eval_interval": "validate every N steps", "eval_batches": "validation micro-batches",
     "log_interval": "append to log.jsonl every N steps", "ckpt_interval": "checkpoint every N steps",
-    "device": "cpu or cuda (default: cuda when available)",
+    "device": cli.DEVICE_HELP,
 }
 
 
@@ -326,23 +326,6 @@ class Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def pretraining_layout(T: int, tasks) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 5's windows: T completion windows, then T reconstruction windows when that task is on.
-
-    Returns visible (W, W), where completion window i sees completion windows j < i and
-    reconstruction window i sees completion windows j <= i (nobody sees a reconstruction
-    window), and task (W,) for each window.
-    """
-    with_reconstruction = "reconstruction" in tasks
-    W = 2 * T if with_reconstruction else T
-    visible = torch.zeros(W, W, dtype=torch.bool)
-    visible[:T, :T] = torch.ones(T, T).tril(-1).bool()  # completion: strictly earlier windows
-    if with_reconstruction:
-        visible[T:, :T] = torch.ones(T, T).tril(0).bool()  # reconstruction i: windows 1..i
-    task = torch.tensor([0] * T + [1] * (W - T))
-    return visible, task
-
-
 def pretraining_example(sequence: list[int], T: int, w: int, tasks, rng: torch.Generator):
     """One text of T * w tokens -> tokens, mask, targets (W, w) of the SPEC 5 layout.
 
@@ -374,35 +357,6 @@ def next_token_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     targets = torch.full_like(tokens, -100)
     targets[..., :-1] = tokens[..., 1:].masked_fill(~mask[..., 1:], -100)
     return targets
-
-
-def user_turn(prompt: str, context: str | None = None) -> str:
-    """The user message of a query: the context (when it is in the prompt), then the prompt."""
-    return f"{context}\n\n{prompt}" if context else prompt
-
-
-def chat_example(tokenizer: Tokenizer, prompt: str, answer: str,
-                 follow_ups: list[tuple[str, str]] = ()) -> tuple[list[int], list[int]]:
-    """Token ids of a user turn + assistant answer (then any follow-up (question, answer) turns),
-    and the targets: each answer's tokens (and EOS) where they are predicted, -100 elsewhere
-    (SPEC 6: loss on the answer only)."""
-    messages, ids, targets = [], [], []
-    for question, reply in [(prompt, answer), *follow_ups]:
-        messages.append({"role": "user", "content": question})
-        asked = tokenizer.encode_chat(messages)
-        messages.append({"role": "assistant", "content": reply})
-        full = tokenizer.encode_chat(messages)
-        if asked[:len(ids)] != ids or full[:len(asked)] != asked:
-            raise ValueError(f"the chat template tokenises the prompt differently once the answer "
-                             f"follows; cannot mask the prompt of {question[:40]!r}")
-        targets += [-100] * (len(asked) - len(ids) - 1) + full[len(asked):] + [-100]
-        ids = full
-    return ids, targets
-
-
-def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
-    """SPEC 6: a context is given to the generator as a user turn of the chat template."""
-    return tokenizer.encode_chat([{"role": "user", "content": context}])
 
 
 def sft_example(tokenizer: Tokenizer, record, w: int):
@@ -745,7 +699,7 @@ def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         no_sync = sync_module.no_sync() if sync_module is not None and not last else contextlib.nullcontext()
-        with no_sync, autocast(batch.tokens.device):
+        with no_sync, cli.autocast(batch.tokens.device):
             logits, f = forward(batch)
             s, c = task_losses(logits, batch, n_tasks)
             (combine(s, c, per_task) / len(micro_batches)).backward()
@@ -756,17 +710,12 @@ def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float
     return sums, counts, fired, grad_norm
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (generator weights stay float32), nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def perplexities(forward, batches: list[Batch], names) -> dict:
     """Perplexity per task over validation batches."""
     sums = counts = 0
     for batch in batches:
-        with autocast(batch.tokens.device):
+        with cli.autocast(batch.tokens.device):
             s, c = task_losses(forward(batch)[0], batch, len(names))
         sums, counts = sums + s, counts + c
     return {name: math.exp(min(50.0, float(s / c))) for name, s, c in zip(names, sums, counts) if c > 0}
@@ -775,11 +724,9 @@ def perplexities(forward, batches: list[Batch], names) -> dict:
 @torch.no_grad()
 def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_context: bool) -> float:
     """Greedy exact match of short answers, the context in the prompt or not (base stage)."""
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": user_turn(
-        r.prompt, r.context if with_context else None)}]) for r in records]
+    prompts = [query_prompt(tokenizer, r.prompt, r.context if with_context else None) for r in records]
     outputs = generate(model, prompts, 12, stop=("\n",), tokenizer=tokenizer, truncate=True)
-    hits = [tokenizer.decode(o).split("\n")[0].strip().lower() == r.answer.strip().lower()
-            for o, r in zip(outputs, records)]
+    hits = [answer_text(tokenizer, o).lower() == r.answer.strip().lower() for o, r in zip(outputs, records)]
     return sum(hits) / len(hits)
 
 
@@ -936,8 +883,7 @@ class Run:
 def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     if config.stage == "base":
         return build_base(config, rank, world, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base, tokenizer = load(config.base, device, dtype)
+    base, tokenizer = load(config.base, device, cli.compute_dtype(device))
     base.checkpointing = device.type == "cuda"  # recompute the base's layers in backward
     torch.manual_seed(config.seed)  # the generator's initialisation and the randomised SVDs' draws
     if config.stage == "pretrain":

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_args
-from generator import (AdapterGenerator, ContextState, GeneratorConfig, LoRA, export_peft,
-                       guard, merged, randomized_svd, split_windows, svd_normalize)
-from model import Tokenizer
+from generator import (AdapterGenerator, ContextState, GeneratorConfig, LoRA, export_peft, guard,
+                       ingestion_flops, merged, randomized_svd, split_windows, svd_normalize)
+from model import Tokenizer, forward_flops
 
 W, w = 4, 8  # windows and window length of the equivalence tests
 
@@ -436,3 +436,12 @@ def test_generator_json_errors(tmp_path, edit, message):
     (tmp_path / "generator.json").write_text(edit(meta))
     with pytest.raises(ValueError, match=message):
         AdapterGenerator.load(tmp_path, gen.args)
+
+
+def test_ingestion_flops_by_hand():
+    args = tiny_args()  # the base's FLOPs are counted by hand in tests/test_model.py
+    gen = AdapterGenerator(args, GeneratorConfig(d_r=16, r=12, k=4, window=8, svd_niter=1))
+    # per token per layer: 2*64*(16+12) + 2*16*12 = 3968; per window per layer:
+    # SVD 4*2*16*12*4 + 4*4*4*12 = 6912, LoRA factors 2*4*16*64 + 2*64*12*4 = 14336
+    expected = forward_flops(args, 8) + 2 * 3968 * 8 + 2 * (6912 + 14336)
+    assert ingestion_flops(args, gen, [8]) == expected

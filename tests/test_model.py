@@ -4,6 +4,7 @@ import json
 import os
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_args
-from model import (KVCache, ModelArgs, Tokenizer, Transformer, apply_rope, generate, load,
-                   rope_cos_sin)
+from model import (KVCache, ModelArgs, Tokenizer, Transformer, apply_rope, chat_example, forward_flops, generate,
+                   generation_flops, kv_cache_floats, load, matmul_params, rope_cos_sin)
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tiny" / "tokenizer.model"
 
 # -----------------------------------------------------------------------------
 # An independent reference: Meta's formulation on the consolidated (native) weights
@@ -318,6 +321,39 @@ def test_chat_roles_must_alternate(spm_path):
         tok.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ValueError, match="no chat template is known"):
         Tokenizer(spm_path).encode_chat([{"role": "user", "content": "a"}])
+
+
+def test_chat_example_with_follow_up_questions():
+    # the base stage asks several questions about one context: each answer is supervised,
+    # every user turn is not, and the ids are the conversation in the chat template
+    tok = Tokenizer(TINY_TOKENIZER, template="mistral")
+    turns = [("Maro Velin was born in Tesk.\n\nWhere was Maro Velin born?", "Tesk"),
+             ("When was Maro Velin born?", "1961"), ("What does Maro Velin do?", "baker")]
+    ids, targets = chat_example(tok, *turns[0], follow_ups=turns[1:])
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    assert ids == tok.encode_chat(messages) and len(targets) == len(ids)
+    supervised = [t for t in targets if t != -100]
+    assert supervised == sum((tok.encode(a, bos=False, eos=True) for _, a in turns), [])
+    assert all(t == -100 or ids[i + 1] == t for i, t in enumerate(targets))  # target t predicts token t + 1
+    first = len(tok.encode_chat(messages[:2]))
+    assert chat_example(tok, *turns[0]) == (ids[:first], targets[:first])
+
+
+# -----------------------------------------------------------------------------
+# Costs
+
+
+def test_flop_formulas_by_hand():
+    args = tiny_args()  # dim 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, hidden 96, vocab 320
+    # per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12288; MLP 3*64*96 = 18432
+    # 2 layers: 61440; output head 320*64 = 20480; in all 81920 weights per token
+    assert matmul_params(args) == 81920
+    # 3 new tokens after 2 cached: 2*81920*3 = 491520; they see 3 + 4 + 5 = 12 keys:
+    # 4 * 2 layers * 4 heads * 16 * 12 = 6144
+    assert forward_flops(args, 3, 2) == 497664
+    assert generation_flops(args, 2, 1) == forward_flops(args, 2) + forward_flops(args, 1, 2)
+    # KV cache: 2 (k, v) * 2 layers * 2 kv heads * 16 * 10 tokens
+    assert kv_cache_floats(args, 10) == 1280
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import cli
 import train
 from conftest import random_model, tiny_args
 from data.readers import Instruction
-from generator import AdapterGenerator
+from generator import TASKS, AdapterGenerator, pretraining_layout
 from model import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def log(out: Path) -> list[dict]:
 
 
 def test_task_layout_by_hand():
-    visible, task = train.pretraining_layout(3, train.TASKS)
+    visible, task = pretraining_layout(3, TASKS)
     assert visible.int().tolist() == [
         [0, 0, 0, 0, 0, 0],
         [1, 0, 0, 0, 0, 0],
@@ -69,7 +69,7 @@ def test_task_layout_by_hand():
     assert task.tolist() == [0, 0, 0, 1, 1, 1]
     sequence = list(range(100, 112))  # T = 3 windows of w = 4
     rng = torch.Generator().manual_seed(0)
-    tokens, mask, targets = train.pretraining_example(sequence, 3, 4, train.TASKS, rng)
+    tokens, mask, targets = train.pretraining_example(sequence, 3, 4, TASKS, rng)
     assert tokens[:3].flatten().tolist() == sequence
     assert targets[0].tolist() == [101, 102, 103, -100]
     for i in range(1, 4):  # span of window i: inside the first i * w tokens, at most w long
@@ -84,7 +84,7 @@ def test_span_starts_cover_the_text_seen_so_far():
     rng = torch.Generator().manual_seed(0)
     starts = {i: set() for i in range(1, 4)}
     for _ in range(300):
-        tokens, mask, _ = train.pretraining_example(list(range(12)), 3, 4, train.TASKS, rng)
+        tokens, mask, _ = train.pretraining_example(list(range(12)), 3, 4, TASKS, rng)
         for i in range(1, 4):
             starts[i].add(int(tokens[2 + i, 0]))
     assert starts == {i: set(range(4 * i)) for i in range(1, 4)}
@@ -92,11 +92,11 @@ def test_span_starts_cover_the_text_seen_so_far():
 
 def test_ablation_switches():
     sequence = list(range(100, 112))
-    both = train.pretraining_example(sequence, 3, 4, train.TASKS, torch.Generator().manual_seed(0))
+    both = train.pretraining_example(sequence, 3, 4, TASKS, torch.Generator().manual_seed(0))
     completion = train.pretraining_example(sequence, 3, 4, ["completion"], torch.Generator().manual_seed(0))
     reconstruction = train.pretraining_example(sequence, 3, 4, ["reconstruction"], torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b[:3]) for a, b in zip(completion, both))  # no reconstruction windows
-    assert torch.equal(train.pretraining_layout(3, ["completion"])[0], torch.ones(3, 3).tril(-1).bool())
+    assert torch.equal(pretraining_layout(3, ["completion"])[0], torch.ones(3, 3).tril(-1).bool())
     assert torch.equal(reconstruction[0], both[0]) and torch.equal(reconstruction[2][3:], both[2][3:])
     assert (reconstruction[2][:3] == -100).all()  # completion windows give context, no loss
     config = train.parse_args(["--norm", "frobenius"])
@@ -159,22 +159,6 @@ def test_sft_targets_cover_only_the_answer():
     assert batch.visible.int().tolist() == torch.ones(len(windows) + 1, len(windows) + 1).tril(-1).int().tolist()
 
 
-def test_chat_example_with_follow_up_questions():
-    # the base stage asks several questions about one context: each answer is supervised,
-    # every user turn is not, and the ids are the conversation in the chat template
-    tok = Tokenizer(TOKENIZER, template="mistral")
-    turns = [("Maro Velin was born in Tesk.\n\nWhere was Maro Velin born?", "Tesk"),
-             ("When was Maro Velin born?", "1961"), ("What does Maro Velin do?", "baker")]
-    ids, targets = train.chat_example(tok, *turns[0], follow_ups=turns[1:])
-    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    assert ids == tok.encode_chat(messages) and len(targets) == len(ids)
-    supervised = [t for t in targets if t != -100]
-    assert supervised == sum((tok.encode(a, bos=False, eos=True) for _, a in turns), [])
-    assert all(t == -100 or ids[i + 1] == t for i, t in enumerate(targets))  # target t predicts token t + 1
-    assert train.chat_example(tok, *turns[0]) == (ids[:len(tok.encode_chat(messages[:2]))],
-                                                  targets[:len(tok.encode_chat(messages[:2]))])
-
-
 # -----------------------------------------------------------------------------
 # Training runs
 
@@ -221,8 +205,8 @@ def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=l
 def test_validation_measures_both_tasks_of_an_ablation(world, tmp_path, task):
     train.main(args(world, tmp_path, "--steps", "1", "--tasks", task))
     validation = json.loads((tmp_path / "validation.jsonl").read_text())
-    assert set(validation["ppl_with_adapter"]) == set(validation["ppl_base_alone"]) == set(train.TASKS)
-    assert set(log(tmp_path)[0]) >= {f"loss_{task}"} and not set(log(tmp_path)[0]) & {f"loss_{t}" for t in train.TASKS if t != task}
+    assert set(validation["ppl_with_adapter"]) == set(validation["ppl_base_alone"]) == set(TASKS)
+    assert set(log(tmp_path)[0]) >= {f"loss_{task}"} and not set(log(tmp_path)[0]) & {f"loss_{t}" for t in TASKS if t != task}
 
 
 def test_validation_reads_successive_batches(world, tmp_path, monkeypatch):
@@ -340,7 +324,7 @@ import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import train
 from model import Transformer
-from generator import AdapterGenerator
+from generator import TASKS, AdapterGenerator, pretraining_layout
 from torch.nn.parallel import DistributedDataParallel as DDP
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 if world > 1:
