@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from model import (LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least,
                    check_token_ids, check_types, config_field, forward_flops, module_path, module_widths, read_json,
@@ -335,14 +334,12 @@ class AdapterGenerator(nn.Module):
         return ContextState(S, state.tokens + window.numel())
 
     def contextualize(self, model: Transformer, context: str | list[int],
-                      tokenizer: Tokenizer | None = None, state: "ContextState | None" = None,
-                      progress: bool = False) -> "ContextState":
+                      tokenizer: Tokenizer | None = None, state: "ContextState | None" = None) -> "ContextState":
         """Streams a context of any length through the base, window by window (SPEC 3).
 
         Args:
             context: text (tokenised with a BOS by `tokenizer`; "" is no tokens) or token ids.
             state: a state to continue (a user's memory); default: empty.
-            progress: show a progress bar over windows.
         Returns:
             the accumulator state; its size does not depend on the context's length.
         """
@@ -357,8 +354,7 @@ class AdapterGenerator(nn.Module):
         if state is not None:
             self.check_state(state, "contextualize(state=...)")
         state = state or self.empty_state()
-        for window in tqdm(split_windows(ids, self.config.window), desc="context windows",
-                           unit="window", disable=not progress):
+        for window in split_windows(ids, self.config.window):
             state = self.update(model, state, torch.tensor(window, device=self.device))
         return state
 

@@ -275,18 +275,30 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0  # slots filled
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next position
+        self.start = self.length = 0  # the slots of the tokens being run are start .. length - 1
         self.padded = False  # whether any filled slot is padding (then a mask is needed)
         self.static = static
 
+    def append(self, positions: torch.Tensor, real: torch.Tensor, padded: bool) -> None:
+        """Takes the next T slots for a forward of T tokens, recording their positions (B, T) and
+        which of them are real (B, T); `padded`: whether the forward has a padding mask."""
+        self.start, self.length = self.length, self.length + positions.shape[1]
+        self.pos[:, self.start:self.length], self.valid[:, self.start:self.length] = positions, real
+        self.next_pos += real.sum(1)
+        self.padded |= padded
+
+    @property
+    def span(self) -> int:
+        """How many slots attention spans: those filled, or all of them when static."""
+        return self.k.shape[3] if self.static else self.length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Writes k, v (B, n_kv, T, hd) into the next slots; returns all filled (B, n_kv, S, hd)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        end = self.k.shape[3] if self.static else end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Writes k, v (B, n_kv, T, hd) into the slots `append` took; returns the keys and values
+        attention spans, (B, n_kv, S, hd)."""
+        self.k[layer, :, :, self.start:self.length] = k
+        self.v[layer, :, :, self.start:self.length] = v
+        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
 
 
 def attention_mask(qpos, kpos, kvalid, qslot, window):
@@ -411,10 +423,10 @@ class Transformer(nn.Module):
         real = torch.ones_like(tokens, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         base = cache.next_pos[:, None] if cache is not None else start_pos
         positions = (base + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding repeats
+        if cache is not None:
+            cache.append(positions, real, pad_mask is not None)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         mask = self._mask(positions, real, pad_mask is not None, cache)
-        if cache is not None:
-            cache.next_pos += real.sum(1)
         h = self.embed_tokens(tokens)
         hidden = []
         for i, layer in enumerate(self.layers):
@@ -424,30 +436,23 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, cache, i, deltas, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, i, deltas)
-        if cache is not None:
-            cache.length += T
         h = self.norm(h)
         logits = self.lm_head(h if logits_at is None else h[logits_at])
         return (logits, hidden) if return_hidden else logits
 
     def _mask(self, positions, real, padded, cache):
-        """The boolean attention mask, or None when plain causal attention is exact."""
+        """The boolean attention mask of this forward's queries, or None when plain causal
+        attention is exact (reads the cache, which `KVCache.append` has already advanced)."""
         T, window = positions.shape[1], self.args.sliding_window
         if cache is None:
             if not padded and (window is None or T <= window):
                 return None
-            kpos, kvalid, start = positions, real, 0
-        else:
-            start, end = cache.length, cache.length + T
-            cache.pos[:, start:end], cache.valid[:, start:end] = positions, real
-            cache.padded |= padded
-            if (not cache.padded and not cache.static and (window is None or end <= window)
-                    and (T == 1 or start == 0)):
-                return None
-            end = cache.pos.shape[1] if cache.static else end
-            kpos, kvalid = cache.pos[:, :end], cache.valid[:, :end]
-        qslot = torch.arange(start, start + T, device=positions.device)
-        return attention_mask(positions, kpos, kvalid, qslot, window)
+            return attention_mask(positions, positions, real, torch.arange(T, device=positions.device), window)
+        if (not cache.padded and not cache.static and (window is None or cache.length <= window)
+                and (T == 1 or cache.start == 0)):
+            return None
+        qslot = torch.arange(cache.start, cache.length, device=positions.device)
+        return attention_mask(positions, cache.pos[:, :cache.span], cache.valid[:, :cache.span], qslot, window)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
@@ -648,7 +653,7 @@ class Tokenizer:
             raise ValueError(f"{path} is not a sentencepiece model: {err}") from None
         self.path = path
         self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if template is not None and template not in self.TEMPLATES:
             raise ValueError(f"chat template '{template}' is not one of {self.TEMPLATES}")
         self.template = template or detect_template(path.parent)

@@ -279,7 +279,7 @@ def test_ignores_stored_rope_tables(tmp_path):
 
 def test_tokenizer_round_trip_and_ids(spm_path):
     tok = Tokenizer(spm_path, template="mistral")
-    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2)
     for text in ["Grüße aus Köln — 東京 🙂 and  two  spaces", "Maro Velin, born 1962 in Tesk."]:
         ids = tok.encode(text, bos=True, eos=True)
         assert ids[0] == 1 and ids[-1] == 2
