@@ -9,11 +9,11 @@ Every number is the median of repeats after warm-up, with device synchronisation
 (min..max) is kept beside it. Results are printed and written as JSON (--out) together with
 the device, torch version and command line.
 
-FLOPs are counted off the config (evaluate.forward_flops): 2 x the weights a token multiplies
+FLOPs are counted off the config (model.forward_flops): 2 x the weights a token multiplies
 through, plus attention. MFU = achieved FLOP/s / the device's dense bf16 peak (PEAK_TFLOPS).
 A generator pretraining step on the frozen base is charged, per processed token, the base's
-forward (2N), its input-gradient backward (2N), the recomputation under gradient
-checkpointing (2N), and 6 x the generator's parameters.
+forward, its input-gradient backward and its recomputation under gradient checkpointing (one
+forward's FLOPs each), and 6 x the generator's parameters. Shape notes use METHOD.md's letters.
 """
 
 import argparse
@@ -122,7 +122,7 @@ def bench_loading(model: Transformer, device) -> dict:
 
 
 def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
-    """The base alone: forward, and forward + backward into every weight (6N per token)."""
+    """The base alone: forward, and forward + backward into every weight (3 forwards' FLOPs)."""
     B, T = preset["micro_batch"] * preset["windows"], preset["generator"].window
     tokens = torch.randint(0, model.args.vocab_size, (B, T), device=device)
 
@@ -147,10 +147,11 @@ def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
 
 
 def bench_training(model: Transformer, generator: AdapterGenerator, device, preset: dict, peak) -> dict:
-    """One generator pretraining micro-step (SPEC 5 layout: T completion + T reconstruction
-    windows) on the frozen base: tokens/s, peak memory, MFU, and the share spent in SVDs."""
-    T, w, N = preset["windows"], generator.config.window, preset["micro_batch"]
-    visible = pretraining_layout(T, TASKS)[0].to(device)  # (W, W), W = 2T
+    """One generator pretraining micro-step (both self-supervised tasks: C completion + C
+    reconstruction windows) on the frozen base: tokens/s, peak memory, MFU, and the share spent
+    in SVDs."""
+    C, w, N = preset["windows"], generator.config.window, preset["micro_batch"]
+    visible = pretraining_layout(C, TASKS)[0].to(device)  # (W, W), W = 2C
     W = len(visible)
     tokens = torch.randint(0, model.args.vocab_size, (N, W, w), device=device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -220,31 +221,31 @@ def bench_decoding(model: Transformer, generator: AdapterGenerator, state: Conte
                    preset: dict, compile_step: bool) -> list[dict]:
     """Greedy decoding tokens/s and achieved GB/s (weights + KV cache read per step) for the
     base, the merged adapter, LoRA factors and the on-the-fly adapter; batch 1 and 8."""
-    P, new = preset["prompt"], preset["new_tokens"]
+    T, new = preset["prompt"], preset["new_tokens"]
     dtype = model.lm_head.weight.dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     forms = {"base": None, "merged": None, "lora": generator.lora(state), "on_the_fly": generator.on_the_fly(state)}
     rows = []
     for batch in (1, 8):
-        prompt = torch.randint(3, model.args.vocab_size, (batch, P), device=device)
+        prompt = torch.randint(3, model.args.vocab_size, (batch, T), device=device)
         for form, adapter in forms.items():
             step = decode_step(model, adapter)
             if compile_step:
                 step = torch.compile(step, mode="reduce-overhead")
 
             def run():
-                cache = KVCache(model.args, batch, P + new, device, dtype, static=compile_step)
+                cache = KVCache(model.args, batch, T + new, device, dtype, static=compile_step)
                 with torch.no_grad(), cli.autocast(device):
                     token = decode_step(model, adapter)(prompt, cache)  # prefill, eager
                     for _ in range(new):
                         token = step(token, cache)
 
             with torch.no_grad(), merged(model, forms["lora"]) if form == "merged" else contextlib.nullcontext():
-                prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, P + new, device, dtype)),
+                prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, T + new, device, dtype)),
                                 device, preset["repeats"])
                 t = timed(run, device, preset["repeats"])
             decode_s = max(1e-9, t["median_s"] - prefill["median_s"])
-            kv_read = kv_cache_floats(model.args, batch * (P + new // 2)) * torch.finfo(dtype).bits // 8
+            kv_read = kv_cache_floats(model.args, batch * (T + new // 2)) * torch.finfo(dtype).bits // 8
             rows.append({"form": form, "batch": batch, "tokens_per_s": batch * new / decode_s,
                          "gb_per_s": new * (weight_bytes + kv_read) / decode_s / 1e9, **t})
     return rows

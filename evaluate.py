@@ -7,7 +7,7 @@ and on an associative-recall probe (how many one-sentence facts a context can ca
     python evaluate.py --task msc --base /models/Mistral-7B-Instruct-v0.2 \\
         --generator runs/mistral-sft/checkpoint --data /data/msc_self_instruct.jsonl --device cuda
 
-Every method runs on the same frozen base (SPEC 7):
+Every method runs on the same frozen base, as in the paper's experiments (§4):
   closed_book  the query alone;
   prompt       the context, then the query, in the prompt (cut from the left to the window);
   prompt_oracle  MSC only: the earlier session that holds the answer, alone, then the query (an
@@ -15,7 +15,7 @@ Every method runs on the same frozen base (SPEC 7):
   rag          the best 100-word chunk of the context by Okapi BM25, then the query;
   finetune     test-time LoRA fine-tuning of the base on the context (the paper's SFT /
                continual-pretraining baseline; few-shot fine-tuning for MetaICL);
-  adapter      GenerativeAdapter: the context streams through the base once (SPEC 3), the
+  adapter      GenerativeAdapter: the context streams through the base once (paper §3), the
                generated adapter is merged into the weights, the query goes in alone.
 
 Writes, under --out: predictions_{method}.jsonl, results.json and results.md (the tables
@@ -305,14 +305,14 @@ def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]
     """A finer signal than F1: where the gold's log-probability ranks among answers of the same
     kind after each prompt. Per query: gold_rank, 0 when the gold is first and 1 when last
     (0.5 on average when the model knows nothing of which entity it is), and gold_top1."""
-    device, L = model.lm_head.weight.device, model.args.max_seq_len
+    device, max_len = model.lm_head.weight.device, model.args.max_seq_len
     ranks = []
     for prompt, answers in zip(prompts, candidates):
         if len(answers) < 2:
             ranks.append({})
             continue
         ids = [tokenizer.encode(a, bos=False) for a in answers]
-        rows = [(prompt + a)[-L:] for a in ids]
+        rows = [(prompt + a)[-max_len:] for a in ids]
         tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
         targets = torch.full_like(tokens, -100)  # each answer's tokens where they are predicted
         for i, (row, a) in enumerate(zip(rows, ids)):
@@ -326,25 +326,26 @@ def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]
 
 
 def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings: Settings) -> tuple[LoRA, int]:
-    """Test-time fine-tuning: a rank-r LoRA on every linear module of every layer, trained with
-    AdamW for a few epochs. On documents: next-token loss on the context in windows of the
-    model's length (continual pretraining); on MetaICL: the K demonstrations as chat turns,
-    loss on the outputs. Returns the LoRA and the FLOPs spent (3x forward per token)."""
-    args, r = model.args, settings.ft_rank
-    generator = torch.Generator().manual_seed(settings.seed)
+    """Test-time fine-tuning (the paper's SFT / continual-pretraining baseline, §4): a LoRA of rank
+    ft_rank on every linear module of every layer, trained with AdamW for a few epochs. On
+    documents: next-token loss on the context in pieces of the model's length; on MetaICL: the K
+    demonstrations as chat turns, loss on the outputs. Returns the LoRA and the FLOPs spent (3x
+    forward per token)."""
+    args, rank = model.args, settings.ft_rank
+    rng = torch.Generator().manual_seed(settings.seed)
     device = model.lm_head.weight.device
     A, B = {}, {}
     for m, (d_in, d_out) in module_widths(args).items():
-        A[m] = (torch.randn(1, args.n_layers, r, d_in, generator=generator) / math.sqrt(d_in)).to(device).requires_grad_()
-        B[m] = torch.zeros(1, args.n_layers, d_out, r, device=device, requires_grad=True)
+        A[m] = (torch.randn(1, args.n_layers, rank, d_in, generator=rng) / math.sqrt(d_in)).to(device).requires_grad_()
+        B[m] = torch.zeros(1, args.n_layers, d_out, rank, device=device, requires_grad=True)
     lora = LoRA(A, B)
     if unit.demos:
         examples = [chat_example(tokenizer, query, output) for query, output in
                     ((f"Input: {x}\nOutput:", y) for x, y in unit.demos)]
     else:
         ids = tokenizer.encode(unit.context)
-        L = args.max_seq_len
-        examples = [(ids[i:i + L], ids[i + 1:i + L] + [-100]) for i in range(0, len(ids), L)]
+        max_len = args.max_seq_len
+        examples = [(ids[i:i + max_len], ids[i + 1:i + max_len] + [-100]) for i in range(0, len(ids), max_len)]
     optimizer = torch.optim.AdamW([*A.values(), *B.values()], lr=settings.ft_lr, weight_decay=0.0)
     flops = 0
     with torch.enable_grad():
@@ -375,7 +376,7 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
-    elif method == "adapter":  # SPEC 7
+    elif method == "adapter":  # stream the context, merge the adapter, ask the query alone (paper §4)
         ids = context_ids(tokenizer, unit.context)
         lora = generator.lora(generator.contextualize(model, ids))
         extra_tokens = len(ids)

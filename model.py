@@ -2,7 +2,7 @@
 sentencepiece tokenizer with its chat templates, and generation.
 
 The base language model of GenerativeAdapter is frozen: this file knows nothing of
-generators. It offers the two hooks the method needs (SPEC 1 and 2):
+generators. It offers the two hooks the method needs (paper §3):
   * `adapter`: a callable `(layer_index, h) -> {module_name: delta_fn}` called with the
     residual stream `h` entering each layer; each `delta_fn(x)` is added to the output of
     the linear module of that name (`q_proj` ... `down_proj`) for this call only;
@@ -10,7 +10,8 @@ generators. It offers the two hooks the method needs (SPEC 1 and 2):
     `output_hidden_states` list).
 
 Read top to bottom: config, norm, RoPE, attention, MLP, block, model, loading and saving,
-tokenizer, generation.
+tokenizer and chat prompts, generation, costs. Shape notes use the letters of METHOD.md (B rows,
+T tokens, S key slots, L layers, D width, V vocabulary, hd head width).
 """
 
 import json
@@ -237,15 +238,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """RoPE tables for the given positions (B, T) -> cos, sin (B, 1, T, head_dim), float32."""
+    """RoPE tables for the given positions (B, T) -> cos, sin (B, 1, T, hd), float32."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim / 2)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd / 2)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share a frequency
     return angles.cos()[:, None], angles.sin()[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates (B, H, T, head_dim) pairs (i, i + head_dim/2): the rotate-half convention."""
+    """Rotates (B, heads, T, hd) pairs (i, i + hd / 2): the rotate-half convention."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
@@ -411,15 +412,14 @@ class Transformer(nn.Module):
                 padding, causal attention already keeps real tokens off the padding.
             cache: a KVCache; positions then continue from what it holds.
             adapter: `(layer, h) -> {module_name: delta_fn}`, called with the residual stream
-                h (B, T, dim) entering each layer; delta_fn(x) is added to that module's output.
+                h (B, T, D) entering each layer; delta_fn(x) is added to that module's output.
             return_hidden: also return the residual streams entering each layer.
             logits_at: (B, T) bool: compute logits only there (training, where a loss is taken:
                 the output layer is a large share of a small model's step).
         Returns:
-            logits (B, T, vocab), or (n, vocab) at the n positions of logits_at; with
-            return_hidden also a list of n_layers (B, T, dim) tensors.
+            logits (B, T, V), or (n, V) at the n positions of logits_at; with return_hidden
+            also a list of L tensors (B, T, D).
         """
-        B, T = tokens.shape
         real = torch.ones_like(tokens, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         base = cache.next_pos[:, None] if cache is not None else start_pos
         positions = (base + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding repeats
@@ -785,7 +785,7 @@ def load(path, device=None, dtype=None) -> tuple[Transformer, Tokenizer]:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, rng) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -845,12 +845,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                              f"{limit} with max_new_tokens={max_new_tokens}; pass truncate=True "
                              "to keep the last tokens")
     prompts = [p[-limit:] for p in prompts]
-    device, width = model.lm_head.weight.device, max(len(p) for p in prompts)
-    tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    pad_mask = torch.arange(width, device=device) >= torch.tensor(
-        [width - len(p) for p in prompts], device=device)[:, None]  # (B, width), left padding
-    uneven = any(len(p) != width for p in prompts)
-    cache = KVCache(model.args, len(prompts), width + max_new_tokens, device, model.lm_head.weight.dtype)
+    device, T = model.lm_head.weight.device, max(len(p) for p in prompts)
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), left padding
+    pad_mask = torch.arange(T, device=device) >= torch.tensor([T - len(p) for p in prompts], device=device)[:, None]
+    uneven = any(len(p) != T for p in prompts)
+    cache = KVCache(model.args, len(prompts), T + max_new_tokens, device, model.lm_head.weight.dtype)
     rng = torch.Generator(device).manual_seed(seed)
     logits = model(tokens, pad_mask=pad_mask if uneven else None, cache=cache, adapter=adapter)
     out, done = [[] for _ in prompts], [False] * len(prompts)

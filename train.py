@@ -1,17 +1,17 @@
-"""Trains GenerativeAdapter's adapter generator on a frozen base LM (SPEC 4-6), and the tiny
-default base itself.
+"""Trains GenerativeAdapter's adapter generator on a frozen base LM (paper §3 and §4; METHOD.md
+states the computation, its shapes and letters), and the tiny default base itself.
 
     python train.py                                    # the embedded default: tiny base, bundled
                                                        # world, both tasks, ~10 minutes on a CPU
-    python train.py --stage sft --init runs/pretrain/checkpoint   # instruction tuning (SPEC 6)
+    python train.py --stage sft --init runs/pretrain/checkpoint   # instruction tuning (paper §4)
     torchrun --nproc_per_node 8 train.py --base /models/Mistral-7B-Instruct-v0.2 \\
         --data /data/slimpajama --out runs/mistral      # the released recipe, 8 GPUs
     python train.py --stage base --overwrite           # rebuilds data/tiny's base model
 
 Stages:
-  pretrain  self-supervised completion + reconstruction (SPEC 5) on packed text windows;
+  pretrain  self-supervised completion + reconstruction (paper §3) on packed text windows;
   sft       (context, prompt, answer) records: the context as windows, the chat turn as the final
-            window, loss on the answer only (SPEC 6);
+            window, loss on the answer only (paper §4);
   base      trains the tiny Mistral-architecture base of the embedded default from scratch, on
             text and instruction records (context in the prompt) about worlds invented on the fly
             (data/fresh_worlds.py), so that it knows none of the facts in data/world/.
@@ -70,18 +70,18 @@ class TrainConfig:
     curriculum: list[str] = field(default_factory=list)  # sft: "rung:steps" phases (Ladder); else --data
     resume: bool = False  # continue the run in --out exactly where it stopped
     overwrite: bool = False  # start afresh in an --out holding an earlier run, deleting it
-    # the generator (SPEC 1, 3)
+    # the generator (paper §3; GeneratorConfig)
     target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
     d_r: int = 1024
     r: int = 1024
     k: int = 128
     alpha: float = 64.0
     window: int = 1024
-    windows: int = 8  # T: windows per pretraining sequence
+    windows: int = 8  # C: context windows per pretraining text
     norm: str = "svd"
     svd: str = "randomized"
     svd_niter: int = 1
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # SPEC 5
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the self-supervised tasks (paper §3)
     # optimisation
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -145,7 +145,7 @@ TINY_PRESETS = {
                  weight_decay=0.1, eval_interval=400, eval_batches=8, log_interval=10,
                  ckpt_interval=200),
 }
-# SPEC 6's released instruction tuning of a full-size base.
+# The released instruction tuning of a full-size base (paper §4, and the authors' released code).
 SFT_RELEASED = dict(lr=5e-5, epochs=2, batch_size=32)
 # The tiny default base (Mistral architecture, grouped-query attention, a 256-token window).
 TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
@@ -153,7 +153,8 @@ TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32,
                       tie_embeddings=True, model_type="mistral", dtype="float32")
 
 HELP = {
-    "stage": "pretrain (SPEC 5), sft (SPEC 6) or base (the tiny default base)",
+    "stage": "pretrain (self-supervised, paper §3), sft (instruction tuning, paper §4) or base "
+             "(the tiny default base)",
     "base": "base model directory: Hugging Face (config.json + safetensors) or Mistral consolidated",
     "data": "training jsonl / jsonl.gz files or directories (pretrain: records with 'text'; "
             "sft: records with 'context', 'prompt', 'answer'; the base stage draws fresh worlds instead)",
@@ -172,8 +173,8 @@ HELP = {
     "target_modules": "linear modules that receive an adapter (q_proj ... down_proj)",
     "d_r": "generator width d_r (A1, A2 output)", "r": "generator width r (A3 output, B input)",
     "k": "SVD rank of the adapter", "alpha": "adapter scale s = alpha / r",
-    "window": "tokens per context window w", "windows": "windows T per pretraining sequence",
-    "norm": "svd (N(S) = U_k V_k^T) or frobenius (S / ||S||_F, the paper's ablation)",
+    "window": "tokens per context window w", "windows": "context windows C per pretraining text",
+    "norm": "svd (N(S) = U_k V_k^T, paper §3) or frobenius (S / ||S||_F, the paper's ablation)",
     "svd": "randomized (torch.svd_lowrank's algorithm, as released) or exact",
     "svd_niter": "power iterations of the randomized SVD",
     "tasks": "self-supervised tasks, comma separated: completion,reconstruction (either alone "
@@ -255,7 +256,7 @@ def generator_config(config: TrainConfig) -> GeneratorConfig:
 
 
 # -----------------------------------------------------------------------------
-# Data: packed text, the SPEC 5 task layout, SPEC 6 records
+# Data: packed text, the self-supervised tasks' windows, instruction records
 
 
 class TextStream:
@@ -308,9 +309,9 @@ class TextStream:
 
 @dataclass
 class Batch:
-    """Windows run as independent sequences. tokens, mask, targets: (N, W, L); visible: (W, W);
+    """Windows run as independent sequences. tokens, mask, targets: (N, W, w); visible: (W, W);
     task: which loss each target counts in (an index into the stage's task names), broadcastable
-    to (N, W, L): (W, 1) per window, or per token; targets -100 where nothing is predicted."""
+    to (N, W, w): (W, 1) per window, or per token; targets -100 where nothing is predicted."""
     tokens: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
@@ -319,26 +320,27 @@ class Batch:
 
     @property
     def supervised(self) -> torch.Tensor:
-        """(N, W, L) bool: where a target is predicted (the only logits a loss needs)."""
+        """(N, W, w) bool: where a target is predicted (the only logits a loss needs)."""
         return self.targets != -100
 
     def to(self, device) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def pretraining_example(sequence: list[int], T: int, w: int, tasks, rng: torch.Generator):
-    """One text of T * w tokens -> tokens, mask, targets (W, w) of the SPEC 5 layout.
+def pretraining_example(sequence: list[int], C: int, w: int, tasks, rng: torch.Generator):
+    """One text of C * w tokens -> tokens, mask, targets (W, w) of the self-supervised tasks
+    (paper §3; pretraining_layout gives which windows each one sees).
 
     Reconstruction window i (1-based) is a span of the text seen so far: its start is uniform
     over the first i * w tokens, and it is cut at min(start + w, i * w), then right-padded.
     """
-    text = torch.tensor(sequence).view(T, w)
-    tokens, mask = [text], [torch.ones(T, w, dtype=torch.bool)]
+    text = torch.tensor(sequence).view(C, w)
+    tokens, mask = [text], [torch.ones(C, w, dtype=torch.bool)]
     if "reconstruction" in tasks:
-        spans = torch.zeros(T, w, dtype=torch.long)
-        span_mask = torch.zeros(T, w, dtype=torch.bool)
+        spans = torch.zeros(C, w, dtype=torch.long)
+        span_mask = torch.zeros(C, w, dtype=torch.bool)
         flat = text.flatten()
-        for i in range(1, T + 1):
+        for i in range(1, C + 1):
             start = int(torch.randint(0, i * w, (1,), generator=rng))
             end = min(start + w, i * w)
             spans[i - 1, :end - start] = flat[start:end]
@@ -348,7 +350,7 @@ def pretraining_example(sequence: list[int], T: int, w: int, tasks, rng: torch.G
     tokens, mask = torch.cat(tokens), torch.cat(mask)
     targets = next_token_targets(tokens, mask)
     if "completion" not in tasks:  # the ablation: completion windows still give context
-        targets[:T] = -100
+        targets[:C] = -100
     return tokens, mask, targets
 
 
@@ -360,7 +362,8 @@ def next_token_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 def sft_example(tokenizer: Tokenizer, record, w: int):
-    """SPEC 6: the context as a user turn split into windows, then the prompt + answer window.
+    """An instruction-tuning example (paper §4): the context as a user turn split into windows,
+    then the prompt + answer window.
 
     Returns the context windows (lists of ids) and the final window's ids and targets, or None
     when the prompt and answer do not fit in one window.
@@ -379,13 +382,13 @@ def sft_size(example) -> tuple[int, int]:
 
 
 def sft_batch(examples, pad_id: int = 0) -> Batch:
-    """Collates SPEC 6 examples: context windows first, empty windows, the final window last,
-    so that every window sees the strictly earlier ones (empty windows add nothing)."""
+    """Collates sft_example's examples: context windows first, empty windows, the final window
+    last, so that every window sees the strictly earlier ones (empty windows add nothing)."""
     W = max(len(windows) for windows, _, _ in examples) + 1
-    L = max(len(x) for windows, ids, _ in examples for x in [*windows, ids])
-    tokens = torch.full((len(examples), W, L), pad_id)
-    mask = torch.zeros(len(examples), W, L, dtype=torch.bool)
-    targets = torch.full((len(examples), W, L), -100)
+    w = max(len(x) for windows, ids, _ in examples for x in [*windows, ids])
+    tokens = torch.full((len(examples), W, w), pad_id)
+    mask = torch.zeros(len(examples), W, w, dtype=torch.bool)
+    targets = torch.full((len(examples), W, w), -100)
     for n, (windows, ids, target) in enumerate(examples):
         for j, window in enumerate(windows):
             tokens[n, j, :len(window)] = torch.tensor(window)
@@ -402,7 +405,7 @@ def sft_batch(examples, pad_id: int = 0) -> Batch:
 
 
 class PretrainBatches:
-    """Micro-batches of SPEC 5 examples from a TextStream, with the given tasks' windows."""
+    """Micro-batches of pretraining examples from a TextStream, with the given tasks' windows."""
 
     def __init__(self, stream: TextStream, config: TrainConfig, seed: int, tasks=None):
         self.stream, self.config, self.tasks = stream, config, tasks or config.tasks
@@ -595,7 +598,7 @@ class BaseBatches:
 
 
 def load_sft_examples(paths, tokenizer: Tokenizer, w: int) -> tuple[list, int]:
-    """SPEC 6 examples of every record whose prompt and answer fit one window; and how many
+    """sft_example's examples of every record whose prompt and answer fit one window; and how many
     records were skipped for not fitting."""
     examples, skipped = [], 0
     for path in paths:
@@ -616,7 +619,7 @@ def load_sft_examples(paths, tokenizer: Tokenizer, w: int) -> tuple[list, int]:
 
 def task_losses(logits: torch.Tensor, batch: Batch, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and token counts per task (n_tasks,), float32, from the
-    logits (n, vocab) at the n supervised positions of the batch."""
+    logits (n, V) at the n supervised positions of the batch."""
     supervised = batch.supervised
     ce = F.cross_entropy(logits.float(), batch.targets[supervised], reduction="none")  # (n,)
     task = batch.task.expand_as(batch.targets)[supervised]
@@ -670,8 +673,8 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def combine(sums: torch.Tensor, counts: torch.Tensor, per_task: bool) -> torch.Tensor:
-    """The loss: the mean over all supervised tokens (SPEC 5), or the sum of each task's mean
-    (the base stage, so that short answers weigh as much as long texts)."""
+    """The loss: the mean over all supervised tokens of both tasks (paper §3), or the sum of each
+    task's mean (the base stage, so that short answers weigh as much as long texts)."""
     if per_task:
         return (sums / counts.clamp_min(1)).sum()
     return sums.sum() / counts.sum().clamp_min(1)
@@ -686,7 +689,7 @@ def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float
     """One optimiser step over micro-batches (gradient accumulation).
 
     Args:
-        forward: batch -> (logits (N, W, L, vocab), guard count).
+        forward: batch -> (logits (n, V) at the batch's n supervised positions, guard count).
         params: the trained parameters (for clipping).
         n_tasks: how many task indices batches carry (losses are reported per task).
         sync_module: the DDP module: gradients are all-reduced on the last micro-batch only.

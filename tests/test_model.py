@@ -111,16 +111,16 @@ def test_grouped_query_equals_repeated_heads():
 def test_adapter_delta_equals_changed_weight():
     model = random_model(tiny_args())
     tokens = torch.randint(0, 320, (2, 9))
-    D = torch.randn(64, 64) * 0.1
+    delta_w = torch.randn(64, 64) * 0.1
     seen = []
 
     def adapter(layer, h):
         seen.append(h)
-        return {"o_proj": lambda x: x @ D.T} if layer == 1 else {}
+        return {"o_proj": lambda x: x @ delta_w.T} if layer == 1 else {}
 
     logits, hidden = model(tokens, adapter=adapter, return_hidden=True)
     changed = random_model(tiny_args())
-    changed.layers[1].self_attn.o_proj.weight.add_(D)
+    changed.layers[1].self_attn.o_proj.weight.add_(delta_w)
     torch.testing.assert_close(logits, changed(tokens), atol=1e-5, rtol=1e-5)
     assert len(hidden) == 2 and all(a is b for a, b in zip(hidden, seen))
     torch.testing.assert_close(hidden[0], model.embed_tokens(tokens))

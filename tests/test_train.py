@@ -54,7 +54,7 @@ def log(out: Path) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# SPEC 5's layout
+# The self-supervised tasks' windows (paper §3)
 
 
 def test_task_layout_by_hand():
@@ -67,7 +67,7 @@ def test_task_layout_by_hand():
         [1, 1, 0, 0, 0, 0],  # reconstruction 2 sees windows 1..2
         [1, 1, 1, 0, 0, 0]]
     assert task.tolist() == [0, 0, 0, 1, 1, 1]
-    sequence = list(range(100, 112))  # T = 3 windows of w = 4
+    sequence = list(range(100, 112))  # C = 3 windows of w = 4
     rng = torch.Generator().manual_seed(0)
     tokens, mask, targets = train.pretraining_example(sequence, 3, 4, TASKS, rng)
     assert tokens[:3].flatten().tolist() == sequence
@@ -127,7 +127,7 @@ def test_base_stage_data_resumes_from_a_counter():
 
 
 # -----------------------------------------------------------------------------
-# SPEC 6: loss on the answer only
+# Instruction tuning: loss on the answer only (paper §4)
 
 
 def test_tiny_base_init():
