@@ -260,6 +260,18 @@ def linear(module: nn.Linear, name: str, x: torch.Tensor, deltas: dict[str, Delt
     return y
 
 
+def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every linear module of a layer: the one place their widths are set."""
+    q, kv, D, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
+    return {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
+            "gate_proj": (D, hidden), "up_proj": (D, hidden), "down_proj": (hidden, D)}
+
+
+def module_path(name: str) -> str:
+    """Where a linear module sits in a layer: 'self_attn.q_proj' ... 'mlp.down_proj'."""
+    return f"{'self_attn' if name in ATTENTION_MODULES else 'mlp'}.{name}"
+
+
 class KVCache:
     """Preallocated keys and values for all layers, with each slot's position and validity.
 
@@ -320,10 +332,11 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        widths = module_widths(args)
+        self.q_proj = nn.Linear(*widths["q_proj"], bias=False)
+        self.k_proj = nn.Linear(*widths["k_proj"], bias=False)
+        self.v_proj = nn.Linear(*widths["v_proj"], bias=False)
+        self.o_proj = nn.Linear(*widths["o_proj"], bias=False)
 
     def forward(self, x, cos, sin, mask, cache, layer, deltas):
         B, T, _ = x.shape
@@ -345,9 +358,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        widths = module_widths(args)
+        self.gate_proj = nn.Linear(*widths["gate_proj"], bias=False)
+        self.up_proj = nn.Linear(*widths["up_proj"], bias=False)
+        self.down_proj = nn.Linear(*widths["down_proj"], bias=False)
 
     def forward(self, x, deltas):
         gate = F.silu(linear(self.gate_proj, "gate_proj", x, deltas))  # SwiGLU
@@ -365,20 +379,6 @@ class Block(nn.Module):
     def forward(self, h, cos, sin, mask, cache, layer, deltas):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer, deltas)
         return h + self.mlp(self.post_attention_layernorm(h), deltas)
-
-
-def module_path(name: str) -> str:
-    """Where a linear module sits in a layer: 'self_attn.q_proj' ... 'mlp.down_proj'."""
-    return f"{'self_attn' if name in ATTENTION_MODULES else 'mlp'}.{name}"
-
-
-def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of every linear module of a layer, read off a layer built on the meta
-    device (no memory, no random draws)."""
-    with torch.device("meta"):
-        block = Block(args)
-    linears = {name: block.get_submodule(module_path(name)) for name in LINEAR_MODULES}
-    return {name: (m.in_features, m.out_features) for name, m in linears.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -880,8 +880,8 @@ def answer_text(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 def matmul_params(args: ModelArgs) -> int:
     """Weights a token multiplies through: every linear layer and the output head."""
-    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    return args.n_layers * (attn + 3 * args.dim * args.hidden_dim) + args.vocab_size * args.dim
+    per_layer = sum(d_in * d_out for d_in, d_out in module_widths(args).values())
+    return args.n_layers * per_layer + args.vocab_size * args.dim
 
 
 def forward_flops(args: ModelArgs, new: int, past: int = 0) -> int:
