@@ -373,6 +373,20 @@ def test_gradients_reach_only_the_generator():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_checkpointed_base_gives_the_generator_the_same_gradients():
+    """Training with the base's layers recomputed in backward (as on CUDA) gives the generator
+    the gradients of training without."""
+    model, gen = make()
+    tokens = torch.randint(3, 320, (2, W, w))
+    grads = {}
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        logits, _ = gen(model, tokens, torch.ones_like(tokens, dtype=torch.bool), strictly_earlier(W))
+        grads[checkpointing] = torch.autograd.grad(logits.logsumexp(-1).mean(), list(gen.parameters()))
+    for plain, recomputed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-7)
+
+
 # -----------------------------------------------------------------------------
 # Bad input
 

@@ -127,6 +127,19 @@ def test_adapter_delta_equals_changed_weight():
     assert torch.equal(model(tokens), random_model(tiny_args())(tokens))  # weights untouched
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Transformer.checkpointing (each layer recomputed in backward) changes no gradient."""
+    model = random_model(tiny_args()).requires_grad_(True)
+    tokens = torch.randint(0, 320, (2, 12))
+    grads = {}
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        loss = model(tokens).logsumexp(-1).mean()
+        grads[checkpointing] = torch.autograd.grad(loss, list(model.parameters()))
+    for plain, recomputed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-7)
+
+
 # -----------------------------------------------------------------------------
 # KV cache and generation
 

@@ -231,6 +231,23 @@ def test_curriculum_phases_and_learning_rate():
     assert train.parse_args(["--stage", "sft"]).curriculum == train.TINY_PRESETS["sft"]["curriculum"]
 
 
+def test_learning_rate_schedule():
+    """Linear warm-up to lr, then a cosine that reaches lr / 10 at the phase's end; each
+    curriculum phase starts the schedule afresh."""
+    config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,people:20", "--warmup", "4",
+                               "--lr", "1e-3"])
+    lr = [train.learning_rate(s, config) for s in range(30)]
+    assert lr[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # (step + 1) / warmup of the peak
+    assert lr[4] == pytest.approx(1e-3) and lr[7] == pytest.approx(5.5e-4)  # cosine: peak, half-way
+    assert all(a > b for a, b in zip(lr[4:10], lr[5:10]))
+    assert lr[10:14] == lr[:4] and lr[14] == pytest.approx(1e-3)  # the second phase warms up again
+    assert lr[22] == pytest.approx(5.5e-4)  # half-way through its 16 steps of decay
+    assert train.learning_rate(30, config) == pytest.approx(1e-4)  # lr / 10 where the run ends
+    single = train.parse_args(["--steps", "100", "--warmup", "10", "--lr", "1e-3"])  # no curriculum
+    assert train.learning_rate(55, single) == pytest.approx(5.5e-4)
+    assert train.learning_rate(100, single) == pytest.approx(1e-4)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--curriculum", "fact:10,novels:5"], "'novels:5' is not RUNG:STEPS"),
     (["--curriculum", "fact:0"], "'fact:0' is not RUNG:STEPS"),
