@@ -32,9 +32,9 @@ from model import (LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_wri
                    read_safetensors)
 
 NORM_EPS = 1e-6  # epsilon of the generator's RMSNorm over hidden states
-# The released code's gradient guard drops a window's adapter when two top singular values are within
-# 1e-7 (relative). In float32 an exactly repeated singular value comes out of the SVD with a
-# relative gap of about 6e-7 (tests/test_generator.py), which that threshold misses; 1e-6 catches it.
+# The released code's gradient guard drops a window's adapter when two top singular values are
+# within 1e-7 (relative). In float32 an exactly repeated singular value comes out of the SVD with
+# a relative gap of about 6e-7 (tests/test_generator.py), which that threshold misses; 1e-6 does not.
 GUARD_GAP = 1e-6
 TASKS = ("completion", "reconstruction")  # the self-supervised pretraining tasks
 INFERENCE_SEED = 0  # randomised SVD outside training draws a fixed Gaussian: adapters are reproducible
