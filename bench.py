@@ -9,11 +9,11 @@ Every number is the median of repeats after warm-up, with device synchronisation
 (min..max) is kept beside it. Results are printed and written as JSON (--out) together with
 the device, torch version and command line.
 
-FLOPs are counted off the config (evaluate.forward_flops): 2 x the weights a token multiplies
+FLOPs are counted off the config (model.forward_flops): 2 x the weights a token multiplies
 through, plus attention. MFU = achieved FLOP/s / the device's dense bf16 peak (PEAK_TFLOPS).
 A generator pretraining step on the frozen base is charged, per processed token, the base's
-forward (2N), its input-gradient backward (2N), the recomputation under gradient
-checkpointing (2N), and 6 x the generator's parameters.
+forward, its input-gradient backward and its recomputation under gradient checkpointing (one
+forward's FLOPs each), and 6 x the generator's parameters. Shape notes use METHOD.md's letters.
 """
 
 import argparse
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 import cli
-from evaluate import PeakMemory, forward_flops, kv_cache_floats
-from generator import AdapterGenerator, ContextState, GeneratorConfig, merged, svd_normalize
-from model import KVCache, ModelArgs, Transformer
-from train import TASKS, TINY_BASE, TINY_PRESETS, autocast, pretraining_layout
+from generator import (TASKS, AdapterGenerator, ContextState, GeneratorConfig, merged, pretraining_layout,
+                       svd_normalize)
+from model import KVCache, ModelArgs, Transformer, forward_flops, kv_cache_floats, read_json
 
+TINY = Path(__file__).resolve().parent / "data" / "tiny"  # the bundled base and generator: their shapes
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, by device name
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32000, max_seq_len=32768, rope_theta=1e6, model_type="mistral")
@@ -41,8 +41,9 @@ SMALL = ModelArgs(dim=512, n_layers=6, n_heads=8, n_kv_heads=8, head_dim=64, hid
                   max_seq_len=4096, rope_theta=1e4, model_type="llama")  # 51.7M parameters
 PRESETS = {
     # base, generator, tokens per training window x windows, context lengths, decode prompt
-    "tiny": dict(base=TINY_BASE, generator=GeneratorConfig(**{k: TINY_PRESETS["pretrain"][k] for k in
-                 ("d_r", "r", "k", "alpha", "window")}), windows=4, micro_batch=4,
+    "tiny": dict(base=ModelArgs.from_hf_config(read_json(TINY / "config.json")),
+                 generator=GeneratorConfig(**read_json(TINY / "generator" / "generator.json")["config"]),
+                 windows=4, micro_batch=4,
                  contexts=[1024, 2048, 4096, 8192, 16384], prompt=128, new_tokens=32, repeats=3),
     "small": dict(base=SMALL, generator=GeneratorConfig(d_r=256, r=256, k=32, alpha=16.0, window=512),
                   windows=4, micro_batch=1, contexts=[1024, 2048, 4096, 8192, 16384], prompt=128,
@@ -110,7 +111,7 @@ def bench_loading(model: Transformer, device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         Transformer.from_pretrained(tmp, device)  # warm-up: the first call pays one-time library set-up
-        with PeakMemory(device) as memory:
+        with cli.PeakMemory(device) as memory:
             start = time.perf_counter()
             loaded = Transformer.from_pretrained(tmp, device)
             torch.stack([p.sum() for p in loaded.parameters()])  # every weight read: all pages in
@@ -121,16 +122,16 @@ def bench_loading(model: Transformer, device) -> dict:
 
 
 def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
-    """The base alone: forward, and forward + backward into every weight (6N per token)."""
+    """The base alone: forward, and forward + backward into every weight (3 forwards' FLOPs)."""
     B, T = preset["micro_batch"] * preset["windows"], preset["generator"].window
     tokens = torch.randint(0, model.args.vocab_size, (B, T), device=device)
 
     def forward():
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), cli.autocast(device):
             model(tokens)
 
     def forward_backward():
-        with autocast(device):
+        with cli.autocast(device):
             model(tokens).float().logsumexp(-1).mean().backward()
         model.zero_grad(set_to_none=True)
 
@@ -146,22 +147,23 @@ def bench_base(model: Transformer, device, preset: dict, peak) -> dict:
 
 
 def bench_training(model: Transformer, generator: AdapterGenerator, device, preset: dict, peak) -> dict:
-    """One generator pretraining micro-step (SPEC 5 layout: T completion + T reconstruction
-    windows) on the frozen base: tokens/s, peak memory, MFU, and the share spent in SVDs."""
-    T, w, N = preset["windows"], generator.config.window, preset["micro_batch"]
-    visible = pretraining_layout(T, TASKS)[0].to(device)  # (W, W), W = 2T
+    """One generator pretraining micro-step (both self-supervised tasks: C completion + C
+    reconstruction windows) on the frozen base: tokens/s, peak memory, MFU, and the share spent
+    in SVDs."""
+    C, w, N = preset["windows"], generator.config.window, preset["micro_batch"]
+    visible = pretraining_layout(C, TASKS)[0].to(device)  # (W, W), W = 2C
     W = len(visible)
     tokens = torch.randint(0, model.args.vocab_size, (N, W, w), device=device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     model.checkpointing = device.type == "cuda"
 
     def step():
-        with autocast(device):
+        with cli.autocast(device):
             logits, _ = generator(model, tokens, mask, visible)
             logits.float().logsumexp(-1).mean().backward()
         generator.zero_grad(set_to_none=True)
 
-    with PeakMemory(device) as memory:
+    with cli.PeakMemory(device) as memory:
         t = timed(step, device, preset["repeats"])
     S = torch.randn(len(generator.mods), N, W, generator.config.d_r, generator.config.r, device=device,
                     requires_grad=True)
@@ -187,17 +189,17 @@ def bench_ingestion(model: Transformer, generator: AdapterGenerator, device, pre
     for n in preset["contexts"]:
         ids = torch.randint(3, model.args.vocab_size, (n,)).tolist()
         states = []
-        with PeakMemory(device) as adapter_memory, torch.no_grad(), autocast(device):
+        with cli.PeakMemory(device) as adapter_memory, torch.no_grad(), cli.autocast(device):
             adapter = timed(lambda: states.append(generator.contextualize(model, ids)), device, 1, warmup=0)
         state_bytes = sum(s.numel() * s.element_size() for s in states.pop().S.values())
         windows = math.ceil(n / generator.config.window)
 
         def prefill():
             cache = KVCache(model.args, 1, n, device, dtype)
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), cli.autocast(device):
                 model(torch.tensor([ids], device=device), cache=cache)
 
-        with PeakMemory(device) as prompt_memory:
+        with cli.PeakMemory(device) as prompt_memory:
             prompt = timed(prefill, device, 1, warmup=0)
         kv_bytes = kv_cache_floats(model.args, n) * torch.finfo(dtype).bits // 8
         rows.append({"context_tokens": n, "adapter_s": adapter["median_s"],
@@ -219,31 +221,31 @@ def bench_decoding(model: Transformer, generator: AdapterGenerator, state: Conte
                    preset: dict, compile_step: bool) -> list[dict]:
     """Greedy decoding tokens/s and achieved GB/s (weights + KV cache read per step) for the
     base, the merged adapter, LoRA factors and the on-the-fly adapter; batch 1 and 8."""
-    P, new = preset["prompt"], preset["new_tokens"]
+    T, new = preset["prompt"], preset["new_tokens"]
     dtype = model.lm_head.weight.dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     forms = {"base": None, "merged": None, "lora": generator.lora(state), "on_the_fly": generator.on_the_fly(state)}
     rows = []
     for batch in (1, 8):
-        prompt = torch.randint(3, model.args.vocab_size, (batch, P), device=device)
+        prompt = torch.randint(3, model.args.vocab_size, (batch, T), device=device)
         for form, adapter in forms.items():
             step = decode_step(model, adapter)
             if compile_step:
                 step = torch.compile(step, mode="reduce-overhead")
 
             def run():
-                cache = KVCache(model.args, batch, P + new, device, dtype, static=compile_step)
-                with torch.no_grad(), autocast(device):
+                cache = KVCache(model.args, batch, T + new, device, dtype, static=compile_step)
+                with torch.no_grad(), cli.autocast(device):
                     token = decode_step(model, adapter)(prompt, cache)  # prefill, eager
                     for _ in range(new):
                         token = step(token, cache)
 
             with torch.no_grad(), merged(model, forms["lora"]) if form == "merged" else contextlib.nullcontext():
-                prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, P + new, device, dtype)),
+                prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, T + new, device, dtype)),
                                 device, preset["repeats"])
                 t = timed(run, device, preset["repeats"])
             decode_s = max(1e-9, t["median_s"] - prefill["median_s"])
-            kv_read = kv_cache_floats(model.args, batch * (P + new // 2)) * torch.finfo(dtype).bits // 8
+            kv_read = kv_cache_floats(model.args, batch * (T + new // 2)) * torch.finfo(dtype).bits // 8
             rows.append({"form": form, "batch": batch, "tokens_per_s": batch * new / decode_s,
                          "gb_per_s": new * (weight_bytes + kv_read) / decode_s / 1e9, **t})
     return rows
@@ -254,7 +256,7 @@ def bench_decoding(model: Transformer, generator: AdapterGenerator, state: Conte
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--device", default=None, help=cli.DEVICE_HELP)
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="tiny: the embedded default's shapes; small: a 52M Llama-2-shaped base; "
                    "7b: Mistral-7B with the released generator")
@@ -267,8 +269,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--out {args.out!r} is a directory: expected the path of a JSON file")
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_base(preset["base"], device, dtype)
+    model = random_base(preset["base"], device, cli.compute_dtype(device))
     generator = AdapterGenerator(model.args, preset["generator"]).to(device)
     with torch.no_grad():
         for g in generator.mods.values():

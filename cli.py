@@ -1,5 +1,6 @@
 """What the command-line scripts (train.py, evaluate.py, bench.py) share: errors reported in one
-line, the --device flag, and result files in strict JSON.
+line, the --device flag with the dtype and autocast that go with the device, peak memory, and
+result files in strict JSON.
 
 Bad input (a flag, a data file, a checkpoint) raises ValueError or OSError with a message that
 names the flag, file or field and what was expected. `run` reports it as argparse reports its own
@@ -8,14 +9,17 @@ environment the exception propagates with its full traceback instead. Any other 
 bug, and keeps its traceback.
 """
 
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 
 import torch
 
 TRACEBACK = "GA_TRACEBACK"
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)"
 EPILOG = (f"Errors in the input are reported in one line, with exit status 2; set {TRACEBACK}=1 "
           "in the environment to see the full traceback.")
 
@@ -47,6 +51,50 @@ def pick_device(name: str | None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen base runs in: bfloat16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (generator weights stay float32), nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class PeakMemory:
+    """Peak memory inside the block: CUDA's allocator on a GPU; on Linux CPUs the process's
+    peak resident set (VmHWM), reset on entry through /proc/self/clear_refs. `peak_mb` is the
+    peak; `extra_mb` the peak less what was in use on entry (what the block itself added)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self.extra_mb = device, None, None
+
+    def _read_mb(self, peak: bool) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            read = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
+            return read(self.device) / 2**20
+        if not os.path.exists("/proc/self/status"):
+            return None
+        key = "VmHWM" if peak else "VmRSS"
+        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        self.start_mb = self._read_mb(peak=False)
+        return self
+
+    def __exit__(self, *exc):
+        self.peak_mb = self._read_mb(peak=True)
+        if self.peak_mb is not None:
+            self.extra_mb = self.peak_mb - self.start_mb
+        return False
 
 
 def strict_json(value) -> str:

@@ -7,7 +7,7 @@ and on an associative-recall probe (how many one-sentence facts a context can ca
     python evaluate.py --task msc --base /models/Mistral-7B-Instruct-v0.2 \\
         --generator runs/mistral-sft/checkpoint --data /data/msc_self_instruct.jsonl --device cuda
 
-Every method runs on the same frozen base (SPEC 7):
+Every method runs on the same frozen base, as in the paper's experiments (§4):
   closed_book  the query alone;
   prompt       the context, then the query, in the prompt (cut from the left to the window);
   prompt_oracle  MSC only: the earlier session that holds the answer, alone, then the query (an
@@ -15,7 +15,7 @@ Every method runs on the same frozen base (SPEC 7):
   rag          the best 100-word chunk of the context by Okapi BM25, then the query;
   finetune     test-time LoRA fine-tuning of the base on the context (the paper's SFT /
                continual-pretraining baseline; few-shot fine-tuning for MetaICL);
-  adapter      GenerativeAdapter: the context streams through the base once (SPEC 3), the
+  adapter      GenerativeAdapter: the context streams through the base once (paper §3), the
                generated adapter is merged into the weights, the query goes in alone.
 
 Writes, under --out: predictions_{method}.jsonl, results.json and results.md (the tables
@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import string
@@ -44,9 +43,9 @@ from tqdm import tqdm
 import cli
 from data.make_world import Ladder
 from data.readers import QARecord, read_metaicl, read_metaicl_config, read_msc, read_streamingqa
-from generator import AdapterGenerator, LoRA, merged, module_widths, split_windows
-from model import ModelArgs, Tokenizer, Transformer, check_at_least, generate, load
-from train import chat_example, context_ids, user_turn
+from generator import AdapterGenerator, LoRA, ingestion_flops, lora_floats, merged, split_windows
+from model import (Tokenizer, Transformer, answer_text, chat_example, check_at_least, context_ids, forward_flops,
+                   generate, generation_flops, kv_cache_floats, load, module_widths, query_prompt)
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter")
@@ -141,87 +140,6 @@ def best_chunk(query: str, context: str) -> str:
     chunks = chunk_words(context)
     scores = bm25_scores(query, chunks)
     return chunks[max(range(len(chunks)), key=scores.__getitem__)]  # first best on ties
-
-
-# -----------------------------------------------------------------------------
-# Costs: analytic FLOPs, storage, peak memory
-
-
-def matmul_params(args: ModelArgs) -> int:
-    """Weights a token multiplies through: every linear layer and the output head."""
-    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    return args.n_layers * (attn + 3 * args.dim * args.hidden_dim) + args.vocab_size * args.dim
-
-
-def forward_flops(args: ModelArgs, new: int, past: int = 0) -> int:
-    """FLOPs of running `new` tokens after `past` cached ones:
-    2 * matmul_params per token, plus attention: q.k and att.v, 2 * 2 * n_heads * head_dim
-    multiply-adds against each visible key (token t sees past + t + 1 keys)."""
-    keys = new * past + new * (new + 1) // 2
-    return 2 * matmul_params(args) * new + 4 * args.n_layers * args.n_heads * args.head_dim * keys
-
-
-def generation_flops(args: ModelArgs, prompt: int, generated: int) -> int:
-    """Prefill of the prompt, then one token at a time against the cache."""
-    return forward_flops(args, prompt) + sum(forward_flops(args, 1, prompt + t) for t in range(generated))
-
-
-def ingestion_flops(args: ModelArgs, generator: AdapterGenerator, windows: list[int]) -> int:
-    """GenerativeAdapter's one pass over a context (SPEC 3), per window of T tokens: the base
-    forward, then per layer and module K = A2 h, V = A3 h (2 d (d_r + r) per token), K^T V
-    (2 d_r r per token), the randomised SVD ((2 niter + 2) matmuls of 2 d_r r k, plus the
-    (k x r) SVD, ~4 k^2 r) and the LoRA factors (2 k d_r d_in + 2 d_out r k)."""
-    c, widths = generator.config, module_widths(args)
-    per_token = 2 * args.dim * (c.d_r + c.r) + 2 * c.d_r * c.r
-    svd = (2 * c.svd_niter + 2) * 2 * c.d_r * c.r * c.k + 4 * c.k * c.k * c.r
-    lora = sum(2 * c.k * c.d_r * widths[m][0] + 2 * widths[m][1] * c.r * c.k for m in c.target_modules)
-    per_window = args.n_layers * (len(c.target_modules) * svd + lora)
-    return sum(forward_flops(args, T) + args.n_layers * len(c.target_modules) * per_token * T + per_window
-               for T in windows)
-
-
-def kv_cache_floats(args: ModelArgs, tokens: int) -> int:
-    """What prompting keeps per user: keys and values of every context token at every layer."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * tokens
-
-
-def lora_floats(lora: LoRA) -> int:
-    """What GenerativeAdapter keeps per user: the rank-k factors."""
-    return sum(a.numel() + b.numel() for a, b in zip(lora.A.values(), lora.B.values()))
-
-
-class PeakMemory:
-    """Peak memory inside the block: CUDA's allocator on a GPU; on Linux CPUs the process's
-    peak resident set (VmHWM), reset on entry through /proc/self/clear_refs. `peak_mb` is the
-    peak; `extra_mb` the peak less what was in use on entry (what the block itself added)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mb, self.extra_mb = device, None, None
-
-    def _read_mb(self, peak: bool) -> float | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            read = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
-            return read(self.device) / 2**20
-        if not os.path.exists("/proc/self/status"):
-            return None
-        key = "VmHWM" if peak else "VmRSS"
-        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/clear_refs"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        self.start_mb = self._read_mb(peak=False)
-        return self
-
-    def __exit__(self, *exc):
-        self.peak_mb = self._read_mb(peak=True)
-        if self.peak_mb is not None:
-            self.extra_mb = self.peak_mb - self.start_mb
-        return False
 
 
 # -----------------------------------------------------------------------------
@@ -357,10 +275,6 @@ class Settings:
     seed: int
 
 
-def query_prompt(tokenizer: Tokenizer, query: str, context: str | None = None) -> list[int]:
-    return tokenizer.encode_chat([{"role": "user", "content": user_turn(query, context)}])
-
-
 def fitted_prompt(tokenizer: Tokenizer, query: str, context: str, budget: int) -> list[int]:
     """The prompt with the context cut from the left (whole tokens) until it fits `budget`."""
     context_tokens = tokenizer.encode(context, bos=False)
@@ -380,7 +294,7 @@ def answer(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], s
         batch = prompts[i:i + settings.batch_size]
         for prompt, out in zip(batch, generate(model, batch, settings.max_new_tokens, stop=("\n",),
                                                tokenizer=tokenizer, adapter=adapter, truncate=True)):
-            texts.append(tokenizer.decode(out).split("\n")[0].strip())
+            texts.append(answer_text(tokenizer, out))
             tokens += len(prompt) + len(out)
             flops += generation_flops(model.args, len(prompt), len(out))
     return texts, tokens, flops
@@ -391,14 +305,14 @@ def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]
     """A finer signal than F1: where the gold's log-probability ranks among answers of the same
     kind after each prompt. Per query: gold_rank, 0 when the gold is first and 1 when last
     (0.5 on average when the model knows nothing of which entity it is), and gold_top1."""
-    device, L = model.lm_head.weight.device, model.args.max_seq_len
+    device, max_len = model.lm_head.weight.device, model.args.max_seq_len
     ranks = []
     for prompt, answers in zip(prompts, candidates):
         if len(answers) < 2:
             ranks.append({})
             continue
         ids = [tokenizer.encode(a, bos=False) for a in answers]
-        rows = [(prompt + a)[-L:] for a in ids]
+        rows = [(prompt + a)[-max_len:] for a in ids]
         tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
         targets = torch.full_like(tokens, -100)  # each answer's tokens where they are predicted
         for i, (row, a) in enumerate(zip(rows, ids)):
@@ -412,25 +326,26 @@ def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]
 
 
 def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings: Settings) -> tuple[LoRA, int]:
-    """Test-time fine-tuning: a rank-r LoRA on every linear module of every layer, trained with
-    AdamW for a few epochs. On documents: next-token loss on the context in windows of the
-    model's length (continual pretraining); on MetaICL: the K demonstrations as chat turns,
-    loss on the outputs. Returns the LoRA and the FLOPs spent (3x forward per token)."""
-    args, r = model.args, settings.ft_rank
-    generator = torch.Generator().manual_seed(settings.seed)
+    """Test-time fine-tuning (the paper's SFT / continual-pretraining baseline, §4): a LoRA of rank
+    ft_rank on every linear module of every layer, trained with AdamW for a few epochs. On
+    documents: next-token loss on the context in pieces of the model's length; on MetaICL: the K
+    demonstrations as chat turns, loss on the outputs. Returns the LoRA and the FLOPs spent (3x
+    forward per token)."""
+    args, rank = model.args, settings.ft_rank
+    rng = torch.Generator().manual_seed(settings.seed)
     device = model.lm_head.weight.device
     A, B = {}, {}
     for m, (d_in, d_out) in module_widths(args).items():
-        A[m] = (torch.randn(1, args.n_layers, r, d_in, generator=generator) / math.sqrt(d_in)).to(device).requires_grad_()
-        B[m] = torch.zeros(1, args.n_layers, d_out, r, device=device, requires_grad=True)
+        A[m] = (torch.randn(1, args.n_layers, rank, d_in, generator=rng) / math.sqrt(d_in)).to(device).requires_grad_()
+        B[m] = torch.zeros(1, args.n_layers, d_out, rank, device=device, requires_grad=True)
     lora = LoRA(A, B)
     if unit.demos:
         examples = [chat_example(tokenizer, query, output) for query, output in
                     ((f"Input: {x}\nOutput:", y) for x, y in unit.demos)]
     else:
         ids = tokenizer.encode(unit.context)
-        L = args.max_seq_len
-        examples = [(ids[i:i + L], ids[i + 1:i + L] + [-100]) for i in range(0, len(ids), L)]
+        max_len = args.max_seq_len
+        examples = [(ids[i:i + max_len], ids[i + 1:i + max_len] + [-100]) for i in range(0, len(ids), max_len)]
     optimizer = torch.optim.AdamW([*A.values(), *B.values()], lr=settings.ft_lr, weight_decay=0.0)
     flops = 0
     with torch.enable_grad():
@@ -461,7 +376,7 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
-    elif method == "adapter":  # SPEC 7
+    elif method == "adapter":  # stream the context, merge the adapter, ask the query alone (paper §4)
         ids = context_ids(tokenizer, unit.context)
         lora = generator.lora(generator.contextualize(model, ids))
         extra_tokens = len(ids)
@@ -610,7 +525,7 @@ def parse_args(argv=None):
     p.add_argument("--ft_epochs", type=int, default=None, help="finetune: epochs over the context (default: 5)")
     p.add_argument("--ft_lr", type=float, default=None, help="finetune: AdamW learning rate (default: 1e-3)")
     p.add_argument("--ft_rank", type=int, default=None, help="finetune: LoRA rank on every linear module (default: 8)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help=cli.DEVICE_HELP)
     p.add_argument("--out", default=None, help="output directory (default: runs/eval/<task>)")
     p.add_argument("--seed", type=int, default=None, help="seed of the fine-tuning baseline (default: 0)")
     args = p.parse_args(argv)
@@ -693,7 +608,7 @@ def main(argv=None) -> dict:
                 group = [u for u in units if u.key.get(column) == value]
                 started = time.time()
                 outputs = []
-                with PeakMemory(device) as peak:
+                with cli.PeakMemory(device) as peak:
                     for unit in tqdm(group, desc=f"{method}" + (f" {column}={value}" if column else ""),
                                      unit="context", leave=False):
                         result = run_method(method, unit, model, tokenizer, generator, settings)

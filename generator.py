@@ -2,16 +2,17 @@
 
 Context streams through the frozen base LM once; at every layer l the generator turns the
 residual stream H^l entering that layer into a low-rank adapter for the layer's target
-modules (SPEC = ../shared/SPEC.md, paper Sec. 3):
+modules (paper §3; METHOD.md states the whole computation, its shapes and its letters):
 
-    K_t = A2(norm(H_t^l)),  V_t = A3(norm(H_t^l))        keys (T, d_r) and values (T, r)
+    K_t = A2(norm(H_t^l)),  V_t = A3(norm(H_t^l))        keys (w, d_r) and values (w, r) of window t
     S_t = S_{t-1} + K_t^T V_t                             the accumulator, d_r x r, float32
     N(S) = U_k V_k^T                                      SVD normalisation, singular values dropped
-    delta(x) = s * B(A1(x) @ N(S)),  s = alpha / r        added to the module's output W x
+    delta(x) = s * B(A1(x) @ N(S)),  s = alpha / r        added to the module's output W x (Eq. 3)
 
 This file holds, in order: the config, SVD normalisation, the generator's parameters and
 equations, the accumulator state and streaming, the three ways of applying an adapter
-(on the fly, LoRA factors, merged), the parallel training forward, persistence and export.
+(on the fly, LoRA factors, merged), the parallel training forward and the pretraining tasks'
+layout, persistence, costs and export.
 """
 
 import json
@@ -25,16 +26,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from model import (LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least,
-                   check_token_ids, check_types, config_field, read_json, read_safetensors)
+                   check_token_ids, check_types, config_field, forward_flops, module_path, module_widths, read_json,
+                   read_safetensors)
 
-NORM_EPS = 1e-6  # the generator's RMSNorm over hidden states (SPEC 1)
-# SPEC 5's guard: the release drops a window's adapter when two top singular values are within
-# 1e-7 (relative). In float32 an exactly repeated singular value comes out of the SVD with a
-# relative gap of about 6e-7 (tests/test_generator.py), which that threshold misses; 1e-6 catches it.
+NORM_EPS = 1e-6  # epsilon of the generator's RMSNorm over hidden states
+# The released code's gradient guard drops a window's adapter when two top singular values are
+# within 1e-7 (relative). In float32 an exactly repeated singular value comes out of the SVD with
+# a relative gap of about 6e-7 (tests/test_generator.py), which that threshold misses; 1e-6 does not.
 GUARD_GAP = 1e-6
+TASKS = ("completion", "reconstruction")  # the self-supervised pretraining tasks
 INFERENCE_SEED = 0  # randomised SVD outside training draws a fixed Gaussian: adapters are reproducible
 
 # -----------------------------------------------------------------------------
@@ -48,7 +50,7 @@ class GeneratorConfig:
     r: int = 1024  # width of the values A3(H), input of B
     k: int = 128  # SVD rank: the adapter's rank
     alpha: float = 64.0  # s = alpha / r
-    window: int = 1024  # context tokens per window (SPEC 3)
+    window: int = 1024  # context tokens per window w: the context streams in chunks (paper §3)
     norm: str = "svd"  # "svd": N(S) = U_k V_k^T; "frobenius": S / ||S||_F (the paper's ablation)
     svd: str = "randomized"  # "randomized" (torch.svd_lowrank's algorithm, as released) or "exact"
     svd_niter: int = 1  # power iterations of the randomised SVD
@@ -85,13 +87,6 @@ def check_generator_fields(config, prefix: str) -> None:
         raise ValueError(f"{prefix}svd = '{config.svd}': expected 'exact' or 'randomized'")
 
 
-def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of every linear module of the base."""
-    q, kv, d, h = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, h), "up_proj": (d, h), "down_proj": (h, d)}
-
-
 def base_identity(args: ModelArgs) -> dict:
     """What a generator records of its base: loading against another base is an error."""
     return {"model_type": args.model_type, "dim": args.dim, "n_layers": args.n_layers,
@@ -99,16 +94,16 @@ def base_identity(args: ModelArgs) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# SVD normalisation (SPEC 3)
+# SVD normalisation (paper §3, "SVD normalization")
 
 
-def randomized_svd(S: torch.Tensor, k: int, niter: int, generator=None):
+def randomized_svd(S: torch.Tensor, k: int, niter: int, rng=None):
     """torch.svd_lowrank's algorithm (Halko et al. 2011) with a choosable random source.
 
     S (..., m, n) -> U (..., m, k), singular values (..., k), V (..., n, k). One Gaussian test
     matrix serves the whole batch, as in torch.svd_lowrank.
     """
-    omega = torch.randn(S.shape[-1], k, generator=generator, device=S.device, dtype=S.dtype)
+    omega = torch.randn(S.shape[-1], k, generator=rng, device=S.device, dtype=S.dtype)
     Q = torch.linalg.qr(S @ omega).Q  # (..., m, k): an orthonormal basis of S's range
     for _ in range(niter):  # power iterations sharpen the basis
         Q = torch.linalg.qr(S.mT @ Q).Q
@@ -130,22 +125,22 @@ def kept_directions(sv: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class NormalizedSVD(torch.autograd.Function):
-    """N(S) = U_K V_K^T over the kept directions K, as factors P = U_K (..., d_r, k) and
-    Q = V_K (..., r, k) (zero columns where fewer than k are kept), and the singular values
+    """N(S) = U_J V_J^T over the kept directions J, as factors P = U_J (..., d_r, k) and
+    Q = V_J (..., r, k) (zero columns where fewer than k are kept), and the singular values
     (..., k + 1, or k for the randomised SVD). Its backward is the derivative of N(S) itself.
 
     Autograd through an SVD divides by s_i^2 - s_j^2 for every pair of singular values, so a
     window of fewer than k tokens (S of rank below k: zero singular values, which tie) gets a
     NaN gradient although none of its zero directions is in N(S). N(S) drops the singular
-    values, and its derivative needs no such division. With C = U^T dS V over the t computed
+    values, and its derivative needs no such division. With E = U^T dS V over the t computed
     directions (the randomised SVD computes k; the others count as singular value 0):
 
-        dN = U Y V^T + (I - U U^T) dS V_K diag(1/s_K) V_K^T + U_K diag(1/s_K) U_K^T dS (I - V V^T)
-        Y_ij = (C_ij - C_ji) / (s_i + s_j)              i and j kept
-        Y_ij = (s_a C_ij + s_b C_ji) / (s_a^2 - s_b^2)  one of them kept (a), the other not (b)
+        dN = U Y V^T + (I - U U^T) dS V_J diag(1/s_J) V_J^T + U_J diag(1/s_J) U_J^T dS (I - V V^T)
+        Y_ij = (E_ij - E_ji) / (s_i + s_j)              i and j kept
+        Y_ij = (s_a E_ij + s_b E_ji) / (s_a^2 - s_b^2)  one of them kept (a), the other not (b)
         Y_ij = 0                                        neither kept
 
-    (write dU = U a, dV = V b with a, b skew, solve C = a diag(s) - diag(s) b + d diag(s) for
+    (write dU = U a, dV = V b with a, b skew, solve E = a diag(s) - diag(s) b + d diag(s) for
     the pairs). A tie among kept values is harmless: N(S) does not depend on the basis of a
     repeated singular value. The one singular case left is a kept value tied with a dropped
     non-zero one (s_k = s_{k+1}), which `guard` catches. The backward assumes the loss depends
@@ -155,12 +150,12 @@ class NormalizedSVD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, k: int, svd: str, niter: int, generator):
+    def forward(ctx, S, k: int, svd: str, niter: int, rng):
         if svd == "exact":
             U, sv, Vh = torch.linalg.svd(S, full_matrices=False)  # t = min(d_r, r) directions
             V = Vh.mT
         else:
-            U, sv, V = randomized_svd(S, k, niter, generator)  # t = k directions
+            U, sv, V = randomized_svd(S, k, niter, rng)  # t = k directions
         kept = kept_directions(sv, k)[..., None, :k]
         ctx.k = k
         ctx.save_for_backward(U, sv, V)
@@ -173,8 +168,8 @@ class NormalizedSVD(torch.autograd.Function):
         U, sv, V = ctx.saved_tensors  # (..., d_r, t), (..., t), (..., r, t)
         kept = kept_directions(sv, ctx.k)  # (..., t)
         pad = (0, sv.shape[-1] - ctx.k)
-        gP = F.pad(gP, pad) * kept[..., None, :]  # (..., d_r, t): (dL/dN) V_K, zero off K
-        gQ = F.pad(gQ, pad) * kept[..., None, :]  # (..., r, t): (dL/dN)^T U_K, zero off K
+        gP = F.pad(gP, pad) * kept[..., None, :]  # (..., d_r, t): (dL/dN) V_J, zero off J
+        gQ = F.pad(gQ, pad) * kept[..., None, :]  # (..., r, t): (dL/dN)^T U_J, zero off J
         UgP, VgQ = U.mT @ gP, V.mT @ gQ  # (..., t, t)
         G = torch.where(kept[..., None, :], UgP, VgQ.mT)  # G_ij = u_i^T (dL/dN) v_j, i or j kept
         si, sj, ki, kj = sv[..., :, None], sv[..., None, :], kept[..., :, None], kept[..., None, :]
@@ -183,27 +178,27 @@ class NormalizedSVD(torch.autograd.Function):
         sa, sb = torch.where(ki, si, sj), torch.where(ki, sj, si)  # the kept one, the other
         one = (sa * G + sb * G.mT) / torch.where(ki ^ kj, sa * sa - sb * sb, 1.0)
         Y = torch.where(ki & kj, both, torch.where(ki ^ kj, one, 0.0))  # (..., t, t)
-        inv = torch.where(kept, 1.0 / sv.clamp_min(tiny), 0.0)[..., None, :]  # 1/s_K, 0 off K
+        inv = torch.where(kept, 1.0 / sv.clamp_min(tiny), 0.0)[..., None, :]  # 1/s_J, 0 off J
         gS = U @ Y @ V.mT
         gS = gS + ((gP - U @ UgP) * inv) @ V.mT  # dL/dS along what no computed u spans
         return gS + U @ ((gQ - V @ VgQ) * inv).mT, None, None, None, None  # ... no computed v
 
 
-def svd_normalize(S: torch.Tensor, config: GeneratorConfig, generator=None):
+def svd_normalize(S: torch.Tensor, config: GeneratorConfig, rng=None):
     """N(S) = U_k V_k^T as factors P (..., d_r, k) and Q (..., r, k), in float32 (or float64).
 
     Singular values are dropped, so N(S) has spectral norm 1 and does not depend on the scale
     of S. Directions whose singular value is zero (S = 0, or rank below k) are left out, so a
     window that sees no context gets no adapter, and one of fewer than k tokens gets rank(S).
     Also returns the singular values (..., k+1 or k) for the gradient guard. With
-    norm='frobenius' (the ablation): P = S / ||S||_F, Q = I.
+    norm='frobenius' (the paper's ablation of the normalisation): P = S / ||S||_F, Q = I.
     """
     S = S.to(torch.promote_types(S.dtype, torch.float32))
     if config.norm == "frobenius":
         P = S / S.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         Q = torch.eye(config.r, device=S.device, dtype=S.dtype).expand(*S.shape[:-2], -1, -1)
         return P, Q, None
-    return NormalizedSVD.apply(S, config.k, config.svd, config.svd_niter, generator)
+    return NormalizedSVD.apply(S, config.k, config.svd, config.svd_niter, rng)
 
 
 def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None, k: int):
@@ -239,13 +234,13 @@ def guard(S: torch.Tensor, P: torch.Tensor, sv: torch.Tensor | None, k: int):
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The generator's RMSNorm over hidden states (..., T, d), computed in float32."""
+    """The generator's RMSNorm over hidden states (..., w, D), computed in float32."""
     hf = h.float()
     return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + NORM_EPS))
 
 
 def generated_delta(x, A1, P, Q, B, scale):
-    """SPEC 3 / paper Eq. 3: delta(x) = s * B(A1(x) @ N(S)) with N(S) = P Q^T.
+    """Paper §3, Eq. 3: delta(x) = s * B(A1(x) @ N(S)) with N(S) = P Q^T.
 
     x (..., T, d_in), A1 (d_r, d_in), P (..., d_r, k), Q (..., r, k), B (d_out, r)
     -> (..., T, d_out). Factored through rank k: d_in -> d_r -> k -> r -> d_out.
@@ -270,15 +265,15 @@ class ModuleGenerator(nn.Module):
                 nn.init.kaiming_normal_(w, a=math.sqrt(5))
 
     def context_outer(self, H: torch.Tensor, mask: torch.Tensor | None, layer=slice(None)):
-        """SPEC 3: K^T V of hidden states, float32.
+        """K^T V of a window's hidden states, float32: the term it adds to S (paper §3).
 
-        H (..., T, dim) with mask (..., T) (False rows are padding and count as zero);
-        `layer` picks one layer's weights (an int), or all of them (H then (L, T, dim)).
+        H (..., w, D) with mask (..., w) (False rows are padding and count as zero);
+        `layer` picks one layer's weights (an int), or all of them (H then (L, w, D)).
         Returns (..., d_r, r).
         """
         Hn = rms_norm(H, self.norm[layer][..., None, :]).to(H.dtype)
-        K = Hn @ self.A2[layer].mT.to(H.dtype)  # (..., T, d_r)
-        V = Hn @ self.A3[layer].mT.to(H.dtype)  # (..., T, r)
+        K = Hn @ self.A2[layer].mT.to(H.dtype)  # (..., w, d_r)
+        V = Hn @ self.A3[layer].mT.to(H.dtype)  # (..., w, r)
         if mask is not None:
             K = K * mask[..., None].to(K.dtype)
         with torch.autocast(H.device.type, enabled=False):  # the sum over tokens in float32
@@ -286,7 +281,8 @@ class ModuleGenerator(nn.Module):
 
 
 class AdapterGenerator(nn.Module):
-    """Holds, for every layer and target module, norm, A1, A2, A3 and B (SPEC 1)."""
+    """The adapter generator of paper §3: for every layer and target module, norm, A1, A2, A3
+    and B."""
 
     def __init__(self, args: ModelArgs, config: GeneratorConfig):
         super().__init__()
@@ -302,7 +298,7 @@ class AdapterGenerator(nn.Module):
     def device(self) -> torch.device:
         return self.mods[self.config.target_modules[0]].A2.device
 
-    # --- SPEC 3: streaming contextualisation -------------------------------------------
+    # --- streaming contextualisation (paper §3, Fig. 1 left) ----------------------------
 
     def empty_state(self) -> "ContextState":
         return ContextState({m: torch.zeros(self.args.n_layers, self.config.d_r, self.config.r,
@@ -331,23 +327,21 @@ class AdapterGenerator(nn.Module):
 
     @torch.no_grad()
     def update(self, model: Transformer, state: "ContextState", window: torch.Tensor) -> "ContextState":
-        """One step of SPEC 3: run window (T,) token ids through the base with the adapter of
+        """One step of the stream: run window (w,) token ids through the base with the adapter of
         S_{t-1}, then S_t = S_{t-1} + K_t^T V_t at every layer. Returns the new state."""
         adapter = self.lora(state) if state.tokens else None  # S_0 = 0 gives no adapter
         _, hidden = model(window[None], adapter=adapter, return_hidden=True)
-        H = torch.stack(hidden)[:, 0]  # (L, T, dim): the residual stream entering each layer
+        H = torch.stack(hidden)[:, 0]  # (L, w, D): the residual stream entering each layer
         S = {m: state.S[m] + g.context_outer(H, None) for m, g in self.mods.items()}
         return ContextState(S, state.tokens + window.numel())
 
     def contextualize(self, model: Transformer, context: str | list[int],
-                      tokenizer: Tokenizer | None = None, state: "ContextState | None" = None,
-                      progress: bool = False) -> "ContextState":
-        """Streams a context of any length through the base, window by window (SPEC 3).
+                      tokenizer: Tokenizer | None = None, state: "ContextState | None" = None) -> "ContextState":
+        """Streams a context of any length through the base, window by window (paper §3, Fig. 1).
 
         Args:
             context: text (tokenised with a BOS by `tokenizer`; "" is no tokens) or token ids.
             state: a state to continue (a user's memory); default: empty.
-            progress: show a progress bar over windows.
         Returns:
             the accumulator state; its size does not depend on the context's length.
         """
@@ -362,15 +356,14 @@ class AdapterGenerator(nn.Module):
         if state is not None:
             self.check_state(state, "contextualize(state=...)")
         state = state or self.empty_state()
-        for window in tqdm(split_windows(ids, self.config.window), desc="context windows",
-                           unit="window", disable=not progress):
+        for window in split_windows(ids, self.config.window):
             state = self.update(model, state, torch.tensor(window, device=self.device))
         return state
 
-    # --- SPEC 3: three equivalent ways to apply an adapter -----------------------------
+    # --- three equivalent ways to apply an adapter (the merged one is Fig. 1 right) -----
 
     def on_the_fly(self, state: "ContextState"):
-        """The adapter as the base's `adapter` hook, computed from S by the SPEC 3 equation."""
+        """The adapter as the base's `adapter` hook, computed from S by Eq. 3 at every call."""
         factors = self.normalized(state)
         s = self.config.scale
 
@@ -390,26 +383,27 @@ class AdapterGenerator(nn.Module):
             B[m] = (self.config.scale * g.B.float() @ Q)[None]  # lora_B = s B V_k: (1, L, d_out, k)
         return LoRA(A, B)
 
-    # --- SPEC 4: the parallel training forward ------------------------------------------
+    # --- the parallel training forward ---------------------------------------------------
 
     def forward(self, model: Transformer, tokens: torch.Tensor, pad_mask: torch.Tensor,
                 visible: torch.Tensor, logits_at: torch.Tensor | None = None):
-        """All windows of a batch at once, computing what SPEC 3's streaming loop computes.
+        """All windows of a batch at once, computing what the streaming loop (`update`)
+        computes; the released code trains this way.
 
         Args:
             tokens: (N, W, w) token ids: N sequences of W windows, each run from position 0.
             pad_mask: (N, W, w) bool, False on (right) padding.
-            visible: (W, W) bool; visible[i, j]: window i uses the context of window j.
-                Default layout: strictly earlier windows (lower triangle without diagonal).
+            visible: (W, W) bool; visible[i, j]: window i uses the context of window j. The
+                plain layout: strictly earlier windows (lower triangle without diagonal).
             logits_at: (N, W, w) bool: compute logits only there (see Transformer.forward).
         Returns:
-            logits (N, W, w, vocab), or (n, vocab) with logits_at, and the number of windows
+            logits (N, W, w, V), or (n, V) with logits_at, and the number of windows
             the SVD guard dropped.
         """
         N, W, w = tokens.shape
         fired = []
 
-        def adapter(layer, h):  # h (N * W, w, dim): every window's stream entering `layer`
+        def adapter(layer, h):  # h (B, w, D), B = N * W: every window's stream entering `layer`
             h = h.view(N, W, w, -1)
             KV = torch.stack([g.context_outer(h, pad_mask, layer) for g in self.mods.values()])
             S = torch.einsum("vu,mnuij->mnvij", visible.float(), KV)  # S_i = sum_{j visible} K_j^T V_j
@@ -476,11 +470,29 @@ class AdapterGenerator(nn.Module):
 
 
 def split_windows(ids: list[int], window: int) -> list[list[int]]:
-    """SPEC 3: n tokens -> ceil(n / window) windows of equal length ceil(n / num_windows)
+    """The chunks of paper §3: n tokens -> ceil(n / window) windows of equal length ceil(n / count)
     (the last one shorter by what padding would fill)."""
     count = math.ceil(len(ids) / window)
     size = math.ceil(len(ids) / count) if count else 0
     return [ids[i:i + size] for i in range(0, len(ids), size)] if ids else []
+
+
+def pretraining_layout(C: int, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of the self-supervised tasks (paper §3): C completion windows, then C
+    reconstruction windows when that task is on.
+
+    Returns visible (W, W), where completion window i sees completion windows j < i and
+    reconstruction window i sees completion windows j <= i (nobody sees a reconstruction
+    window), and task (W,) for each window.
+    """
+    with_reconstruction = "reconstruction" in tasks
+    W = 2 * C if with_reconstruction else C
+    visible = torch.zeros(W, W, dtype=torch.bool)
+    visible[:C, :C] = torch.ones(C, C).tril(-1).bool()  # completion: strictly earlier windows
+    if with_reconstruction:
+        visible[C:, :C] = torch.ones(C, C).tril(0).bool()  # reconstruction i: windows 1..i
+    task = torch.tensor([0] * C + [1] * (W - C))
+    return visible, task
 
 
 # -----------------------------------------------------------------------------
@@ -489,7 +501,7 @@ def split_windows(ids: list[int], window: int) -> list[list[int]]:
 
 @dataclass
 class ContextState:
-    """SPEC 3's accumulator: S per target module, (L, d_r, r) float32, and the tokens seen.
+    """The accumulator of paper §3: S per target module, (L, d_r, r) float32, and the tokens seen.
     Its size is fixed whatever the context's length: a user's memory."""
     S: dict[str, torch.Tensor]
     tokens: int = 0
@@ -536,9 +548,7 @@ class LoRA:
 
 
 def module_weight(model: Transformer, layer: int, module: str) -> torch.Tensor:
-    block = model.layers[layer]
-    parent = block.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-    return getattr(parent, module).weight
+    return model.layers[layer].get_submodule(module_path(module)).weight
 
 
 @contextmanager
@@ -561,6 +571,29 @@ def merged(model: Transformer, lora: LoRA):
 
 
 # -----------------------------------------------------------------------------
+# Costs: what the adapter computes and keeps
+
+
+def ingestion_flops(args: ModelArgs, generator: AdapterGenerator, windows: list[int]) -> int:
+    """GenerativeAdapter's one pass over a context (paper §3), per window of w tokens: the base
+    forward, then per layer and module K = A2 h, V = A3 h (2 D (d_r + r) per token), K^T V
+    (2 d_r r per token), the randomised SVD ((2 niter + 2) matmuls of 2 d_r r k, plus the
+    (k x r) SVD, ~4 k^2 r) and the LoRA factors (2 k d_r d_in + 2 d_out r k)."""
+    c, widths = generator.config, module_widths(args)
+    per_token = 2 * args.dim * (c.d_r + c.r) + 2 * c.d_r * c.r
+    svd = (2 * c.svd_niter + 2) * 2 * c.d_r * c.r * c.k + 4 * c.k * c.k * c.r
+    lora = sum(2 * c.k * c.d_r * widths[m][0] + 2 * widths[m][1] * c.r * c.k for m in c.target_modules)
+    per_window = args.n_layers * (len(c.target_modules) * svd + lora)
+    return sum(forward_flops(args, w) + args.n_layers * len(c.target_modules) * per_token * w + per_window
+               for w in windows)
+
+
+def lora_floats(lora: LoRA) -> int:
+    """What GenerativeAdapter keeps per user: the rank-k factors."""
+    return sum(a.numel() + b.numel() for a, b in zip(lora.A.values(), lora.B.values()))
+
+
+# -----------------------------------------------------------------------------
 # Export for peft / vLLM
 
 
@@ -573,9 +606,8 @@ def export_peft(lora: LoRA, directory, base_model_name_or_path: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for m in lora.A:
-        part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
         for layer in range(lora.A[m].shape[1]):
-            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            prefix = f"base_model.model.model.layers.{layer}.{module_path(m)}"
             tensors[f"{prefix}.lora_A.weight"] = lora.A[m][0, layer].contiguous()
             tensors[f"{prefix}.lora_B.weight"] = lora.B[m][0, layer].contiguous()
     rank = next(iter(lora.A.values())).shape[2]

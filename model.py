@@ -2,7 +2,7 @@
 sentencepiece tokenizer with its chat templates, and generation.
 
 The base language model of GenerativeAdapter is frozen: this file knows nothing of
-generators. It offers the two hooks the method needs (SPEC 1 and 2):
+generators. It offers the two hooks the method needs (paper §3):
   * `adapter`: a callable `(layer_index, h) -> {module_name: delta_fn}` called with the
     residual stream `h` entering each layer; each `delta_fn(x)` is added to the output of
     the linear module of that name (`q_proj` ... `down_proj`) for this call only;
@@ -10,7 +10,8 @@ generators. It offers the two hooks the method needs (SPEC 1 and 2):
     `output_hidden_states` list).
 
 Read top to bottom: config, norm, RoPE, attention, MLP, block, model, loading and saving,
-tokenizer, generation.
+tokenizer and chat prompts, generation, costs. Shape notes use the letters of METHOD.md (B rows,
+T tokens, S key slots, L layers, D width, V vocabulary, hd head width).
 """
 
 import json
@@ -33,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 DeltaFn = Callable[[torch.Tensor], torch.Tensor]
 Adapter = Callable[[int, torch.Tensor], dict[str, DeltaFn]]
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+LINEAR_MODULES = (*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # -----------------------------------------------------------------------------
@@ -218,13 +220,6 @@ class ModelArgs:
             cfg["sliding_window"] = self.sliding_window
         return cfg
 
-    def num_params(self) -> int:
-        """Parameters of the model (the output head counted once when tied)."""
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        block = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.n_layers * block + self.vocab_size * self.dim + head + self.dim
-
 
 # -----------------------------------------------------------------------------
 # Layers
@@ -243,15 +238,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """RoPE tables for the given positions (B, T) -> cos, sin (B, 1, T, head_dim), float32."""
+    """RoPE tables for the given positions (B, T) -> cos, sin (B, 1, T, hd), float32."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim / 2)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd / 2)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share a frequency
     return angles.cos()[:, None], angles.sin()[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates (B, H, T, head_dim) pairs (i, i + head_dim/2): the rotate-half convention."""
+    """Rotates (B, heads, T, hd) pairs (i, i + hd / 2): the rotate-half convention."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
@@ -263,6 +258,18 @@ def linear(module: nn.Linear, name: str, x: torch.Tensor, deltas: dict[str, Delt
     if deltas and name in deltas:
         y = y + deltas[name](x).to(y.dtype)
     return y
+
+
+def module_widths(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every linear module of a layer: the one place their widths are set."""
+    q, kv, D, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
+    return {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
+            "gate_proj": (D, hidden), "up_proj": (D, hidden), "down_proj": (hidden, D)}
+
+
+def module_path(name: str) -> str:
+    """Where a linear module sits in a layer: 'self_attn.q_proj' ... 'mlp.down_proj'."""
+    return f"{'self_attn' if name in ATTENTION_MODULES else 'mlp'}.{name}"
 
 
 class KVCache:
@@ -281,18 +288,30 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0  # slots filled
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next position
+        self.start = self.length = 0  # the slots of the tokens being run are start .. length - 1
         self.padded = False  # whether any filled slot is padding (then a mask is needed)
         self.static = static
 
+    def append(self, positions: torch.Tensor, real: torch.Tensor, padded: bool) -> None:
+        """Takes the next T slots for a forward of T tokens, recording their positions (B, T) and
+        which of them are real (B, T); `padded`: whether the forward has a padding mask."""
+        self.start, self.length = self.length, self.length + positions.shape[1]
+        self.pos[:, self.start:self.length], self.valid[:, self.start:self.length] = positions, real
+        self.next_pos += real.sum(1)
+        self.padded |= padded
+
+    @property
+    def span(self) -> int:
+        """How many slots attention spans: those filled, or all of them when static."""
+        return self.k.shape[3] if self.static else self.length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Writes k, v (B, n_kv, T, hd) into the next slots; returns all filled (B, n_kv, S, hd)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        end = self.k.shape[3] if self.static else end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Writes k, v (B, n_kv, T, hd) into the slots `append` took; returns the keys and values
+        attention spans, (B, n_kv, S, hd)."""
+        self.k[layer, :, :, self.start:self.length] = k
+        self.v[layer, :, :, self.start:self.length] = v
+        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
 
 
 def attention_mask(qpos, kpos, kvalid, qslot, window):
@@ -313,10 +332,11 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        widths = module_widths(args)
+        self.q_proj = nn.Linear(*widths["q_proj"], bias=False)
+        self.k_proj = nn.Linear(*widths["k_proj"], bias=False)
+        self.v_proj = nn.Linear(*widths["v_proj"], bias=False)
+        self.o_proj = nn.Linear(*widths["o_proj"], bias=False)
 
     def forward(self, x, cos, sin, mask, cache, layer, deltas):
         B, T, _ = x.shape
@@ -338,9 +358,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        widths = module_widths(args)
+        self.gate_proj = nn.Linear(*widths["gate_proj"], bias=False)
+        self.up_proj = nn.Linear(*widths["up_proj"], bias=False)
+        self.down_proj = nn.Linear(*widths["down_proj"], bias=False)
 
     def forward(self, x, deltas):
         gate = F.silu(linear(self.gate_proj, "gate_proj", x, deltas))  # SwiGLU
@@ -391,22 +412,21 @@ class Transformer(nn.Module):
                 padding, causal attention already keeps real tokens off the padding.
             cache: a KVCache; positions then continue from what it holds.
             adapter: `(layer, h) -> {module_name: delta_fn}`, called with the residual stream
-                h (B, T, dim) entering each layer; delta_fn(x) is added to that module's output.
+                h (B, T, D) entering each layer; delta_fn(x) is added to that module's output.
             return_hidden: also return the residual streams entering each layer.
             logits_at: (B, T) bool: compute logits only there (training, where a loss is taken:
                 the output layer is a large share of a small model's step).
         Returns:
-            logits (B, T, vocab), or (n, vocab) at the n positions of logits_at; with
-            return_hidden also a list of n_layers (B, T, dim) tensors.
+            logits (B, T, V), or (n, V) at the n positions of logits_at; with return_hidden
+            also a list of L tensors (B, T, D).
         """
-        B, T = tokens.shape
         real = torch.ones_like(tokens, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         base = cache.next_pos[:, None] if cache is not None else start_pos
         positions = (base + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding repeats
+        if cache is not None:
+            cache.append(positions, real, pad_mask is not None)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         mask = self._mask(positions, real, pad_mask is not None, cache)
-        if cache is not None:
-            cache.next_pos += real.sum(1)
         h = self.embed_tokens(tokens)
         hidden = []
         for i, layer in enumerate(self.layers):
@@ -416,30 +436,23 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, cache, i, deltas, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, i, deltas)
-        if cache is not None:
-            cache.length += T
         h = self.norm(h)
         logits = self.lm_head(h if logits_at is None else h[logits_at])
         return (logits, hidden) if return_hidden else logits
 
     def _mask(self, positions, real, padded, cache):
-        """The boolean attention mask, or None when plain causal attention is exact."""
+        """The boolean attention mask of this forward's queries, or None when plain causal
+        attention is exact (reads the cache, which `KVCache.append` has already advanced)."""
         T, window = positions.shape[1], self.args.sliding_window
         if cache is None:
             if not padded and (window is None or T <= window):
                 return None
-            kpos, kvalid, start = positions, real, 0
-        else:
-            start, end = cache.length, cache.length + T
-            cache.pos[:, start:end], cache.valid[:, start:end] = positions, real
-            cache.padded |= padded
-            if (not cache.padded and not cache.static and (window is None or end <= window)
-                    and (T == 1 or start == 0)):
-                return None
-            end = cache.pos.shape[1] if cache.static else end
-            kpos, kvalid = cache.pos[:, :end], cache.valid[:, :end]
-        qslot = torch.arange(start, start + T, device=positions.device)
-        return attention_mask(positions, kpos, kvalid, qslot, window)
+            return attention_mask(positions, positions, real, torch.arange(T, device=positions.device), window)
+        if (not cache.padded and not cache.static and (window is None or cache.length <= window)
+                and (T == 1 or cache.start == 0)):
+            return None
+        qslot = torch.arange(cache.start, cache.length, device=positions.device)
+        return attention_mask(positions, cache.pos[:, :cache.span], cache.valid[:, :cache.span], qslot, window)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
@@ -640,7 +653,7 @@ class Tokenizer:
             raise ValueError(f"{path} is not a sentencepiece model: {err}") from None
         self.path = path
         self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if template is not None and template not in self.TEMPLATES:
             raise ValueError(f"chat template '{template}' is not one of {self.TEMPLATES}")
         self.template = template or detect_template(path.parent)
@@ -721,6 +734,42 @@ def detect_template(directory: Path) -> str | None:
     return "mistral" if (directory / "params.json").is_file() else None
 
 
+def user_turn(prompt: str, context: str | None = None) -> str:
+    """The user message of a query: the context (when it is in the prompt), then the prompt."""
+    return f"{context}\n\n{prompt}" if context else prompt
+
+
+def query_prompt(tokenizer: Tokenizer, query: str, context: str | None = None) -> list[int]:
+    """Token ids of a query as one user turn (the context first, when it is in the prompt),
+    ready for the model's answer."""
+    return tokenizer.encode_chat([{"role": "user", "content": user_turn(query, context)}])
+
+
+def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
+    """Token ids of a context as the generator reads it: one user turn of the chat template
+    (the instruction-tuning format of paper §4 and of the released code)."""
+    return query_prompt(tokenizer, context)
+
+
+def chat_example(tokenizer: Tokenizer, prompt: str, answer: str,
+                 follow_ups: list[tuple[str, str]] = ()) -> tuple[list[int], list[int]]:
+    """Token ids of a user turn + assistant answer (then any follow-up (question, answer) turns),
+    and the targets: each answer's tokens (and EOS) where they are predicted, -100 elsewhere,
+    so that the loss is on the answers only."""
+    messages, ids, targets = [], [], []
+    for question, reply in [(prompt, answer), *follow_ups]:
+        messages.append({"role": "user", "content": question})
+        asked = tokenizer.encode_chat(messages)
+        messages.append({"role": "assistant", "content": reply})
+        full = tokenizer.encode_chat(messages)
+        if asked[:len(ids)] != ids or full[:len(asked)] != asked:
+            raise ValueError(f"the chat template tokenises the prompt differently once the answer "
+                             f"follows; cannot mask the prompt of {question[:40]!r}")
+        targets += [-100] * (len(asked) - len(ids) - 1) + full[len(asked):] + [-100]
+        ids = full
+    return ids, targets
+
+
 def load(path, device=None, dtype=None) -> tuple[Transformer, Tokenizer]:
     """The model and the tokenizer.model of a checkpoint directory, checked against each other."""
     model = Transformer.from_pretrained(path, device, dtype)
@@ -736,7 +785,7 @@ def load(path, device=None, dtype=None) -> tuple[Transformer, Tokenizer]:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, rng) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -796,12 +845,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                              f"{limit} with max_new_tokens={max_new_tokens}; pass truncate=True "
                              "to keep the last tokens")
     prompts = [p[-limit:] for p in prompts]
-    device, width = model.lm_head.weight.device, max(len(p) for p in prompts)
-    tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    pad_mask = torch.arange(width, device=device) >= torch.tensor(
-        [width - len(p) for p in prompts], device=device)[:, None]  # (B, width), left padding
-    uneven = any(len(p) != width for p in prompts)
-    cache = KVCache(model.args, len(prompts), width + max_new_tokens, device, model.lm_head.weight.dtype)
+    device, T = model.lm_head.weight.device, max(len(p) for p in prompts)
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), left padding
+    pad_mask = torch.arange(T, device=device) >= torch.tensor([T - len(p) for p in prompts], device=device)[:, None]
+    uneven = any(len(p) != T for p in prompts)
+    cache = KVCache(model.args, len(prompts), T + max_new_tokens, device, model.lm_head.weight.dtype)
     rng = torch.Generator(device).manual_seed(seed)
     logits = model(tokens, pad_mask=pad_mask if uneven else None, cache=cache, adapter=adapter)
     out, done = [[] for _ in prompts], [False] * len(prompts)
@@ -819,3 +867,36 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             break
         logits = model(next_tokens[:, None], cache=cache, adapter=adapter)
     return out
+
+
+def answer_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """A generated answer as the evaluations read it: decoded, cut at the first newline, stripped."""
+    return tokenizer.decode(ids).split("\n")[0].strip()
+
+
+# -----------------------------------------------------------------------------
+# Costs: analytic FLOPs and memory of the base
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """Weights a token multiplies through: every linear layer and the output head."""
+    per_layer = sum(d_in * d_out for d_in, d_out in module_widths(args).values())
+    return args.n_layers * per_layer + args.vocab_size * args.dim
+
+
+def forward_flops(args: ModelArgs, new: int, past: int = 0) -> int:
+    """FLOPs of running `new` tokens after `past` cached ones:
+    2 * matmul_params per token, plus attention: q.k and att.v, 2 * 2 * n_heads * head_dim
+    multiply-adds against each visible key (token t sees past + t + 1 keys)."""
+    keys = new * past + new * (new + 1) // 2
+    return 2 * matmul_params(args) * new + 4 * args.n_layers * args.n_heads * args.head_dim * keys
+
+
+def generation_flops(args: ModelArgs, prompt: int, generated: int) -> int:
+    """Prefill of the prompt, then one token at a time against the cache."""
+    return forward_flops(args, prompt) + sum(forward_flops(args, 1, prompt + t) for t in range(generated))
+
+
+def kv_cache_floats(args: ModelArgs, tokens: int) -> int:
+    """What prompting keeps per user: keys and values of every context token at every layer."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * tokens

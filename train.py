@@ -1,17 +1,17 @@
-"""Trains GenerativeAdapter's adapter generator on a frozen base LM (SPEC 4-6), and the tiny
-default base itself.
+"""Trains GenerativeAdapter's adapter generator on a frozen base LM (paper §3 and §4; METHOD.md
+states the computation, its shapes and letters), and the tiny default base itself.
 
     python train.py                                    # the embedded default: tiny base, bundled
                                                        # world, both tasks, ~10 minutes on a CPU
-    python train.py --stage sft --init runs/pretrain/checkpoint   # instruction tuning (SPEC 6)
+    python train.py --stage sft --init runs/pretrain/checkpoint   # instruction tuning (paper §4)
     torchrun --nproc_per_node 8 train.py --base /models/Mistral-7B-Instruct-v0.2 \\
         --data /data/slimpajama --out runs/mistral      # the released recipe, 8 GPUs
     python train.py --stage base --overwrite           # rebuilds data/tiny's base model
 
 Stages:
-  pretrain  self-supervised completion + reconstruction (SPEC 5) on packed text windows;
+  pretrain  self-supervised completion + reconstruction (paper §3) on packed text windows;
   sft       (context, prompt, answer) records: the context as windows, the chat turn as the final
-            window, loss on the answer only (SPEC 6);
+            window, loss on the answer only (paper §4);
   base      trains the tiny Mistral-architecture base of the embedded default from scratch, on
             text and instruction records (context in the prompt) about worlds invented on the fly
             (data/fresh_worlds.py), so that it knows none of the facts in data/world/.
@@ -46,14 +46,14 @@ import cli
 from data.fresh_worlds import MIX, READING_MIX, FreshWorlds
 from data.make_world import Ladder
 from data.readers import Instruction, iter_texts, read_instructions
-from generator import AdapterGenerator, GeneratorConfig, check_generator_fields, split_windows
-from model import (ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least, check_types, generate,
-                   load)
+from generator import (TASKS, AdapterGenerator, GeneratorConfig, check_generator_fields, pretraining_layout,
+                       split_windows)
+from model import (ModelArgs, Tokenizer, Transformer, answer_text, atomic_write, chat_example, check_at_least,
+                   check_types, context_ids, generate, load, query_prompt, user_turn)
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "data" / "tiny"
 WORLD = ROOT / "data" / "world"
-TASKS = ("completion", "reconstruction")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -70,18 +70,18 @@ class TrainConfig:
     curriculum: list[str] = field(default_factory=list)  # sft: "rung:steps" phases (Ladder); else --data
     resume: bool = False  # continue the run in --out exactly where it stopped
     overwrite: bool = False  # start afresh in an --out holding an earlier run, deleting it
-    # the generator (SPEC 1, 3)
+    # the generator (paper §3; GeneratorConfig)
     target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
     d_r: int = 1024
     r: int = 1024
     k: int = 128
     alpha: float = 64.0
     window: int = 1024
-    windows: int = 8  # T: windows per pretraining sequence
+    windows: int = 8  # C: context windows per pretraining text
     norm: str = "svd"
     svd: str = "randomized"
     svd_niter: int = 1
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # SPEC 5
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the self-supervised tasks (paper §3)
     # optimisation
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -145,7 +145,7 @@ TINY_PRESETS = {
                  weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=10,
                  ckpt_interval=200),
 }
-# SPEC 6's released instruction tuning of a full-size base.
+# The released instruction tuning of a full-size base (paper §4, and the authors' released code).
 SFT_RELEASED = dict(lr=5e-5, epochs=2, batch_size=32)
 # The base stage draws by READING_MIX first: 120,000 draws (of about 41 a step of 16 rows) are about
 # the first 2,900 steps.
@@ -156,7 +156,8 @@ TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32,
                       tie_embeddings=True, model_type="mistral", dtype="float32")
 
 HELP = {
-    "stage": "pretrain (SPEC 5), sft (SPEC 6) or base (the tiny default base)",
+    "stage": "pretrain (self-supervised, paper §3), sft (instruction tuning, paper §4) or base "
+             "(the tiny default base)",
     "base": "base model directory: Hugging Face (config.json + safetensors) or Mistral consolidated",
     "data": "training jsonl / jsonl.gz files or directories (pretrain: records with 'text'; "
             "sft: records with 'context', 'prompt', 'answer'; the base stage draws fresh worlds instead)",
@@ -175,8 +176,8 @@ HELP = {
     "target_modules": "linear modules that receive an adapter (q_proj ... down_proj)",
     "d_r": "generator width d_r (A1, A2 output)", "r": "generator width r (A3 output, B input)",
     "k": "SVD rank of the adapter", "alpha": "adapter scale s = alpha / r",
-    "window": "tokens per context window w", "windows": "windows T per pretraining sequence",
-    "norm": "svd (N(S) = U_k V_k^T) or frobenius (S / ||S||_F, the paper's ablation)",
+    "window": "tokens per context window w", "windows": "context windows C per pretraining text",
+    "norm": "svd (N(S) = U_k V_k^T, paper §3) or frobenius (S / ||S||_F, the paper's ablation)",
     "svd": "randomized (torch.svd_lowrank's algorithm, as released) or exact",
     "svd_niter": "power iterations of the randomized SVD",
     "tasks": "self-supervised tasks, comma separated: completion,reconstruction (either alone "
@@ -190,7 +191,7 @@ HELP = {
     "grad_clip": "clip the gradient norm to this", "seed": "random seed",
     "eval_interval": "validate every N steps", "eval_batches": "validation micro-batches",
     "log_interval": "append to log.jsonl every N steps", "ckpt_interval": "checkpoint every N steps",
-    "device": "cpu or cuda (default: cuda when available)",
+    "device": cli.DEVICE_HELP,
 }
 
 
@@ -258,7 +259,7 @@ def generator_config(config: TrainConfig) -> GeneratorConfig:
 
 
 # -----------------------------------------------------------------------------
-# Data: packed text, the SPEC 5 task layout, SPEC 6 records
+# Data: packed text, the self-supervised tasks' windows, instruction records
 
 
 class TextStream:
@@ -311,9 +312,9 @@ class TextStream:
 
 @dataclass
 class Batch:
-    """Windows run as independent sequences. tokens, mask, targets: (N, W, L); visible: (W, W);
+    """Windows run as independent sequences. tokens, mask, targets: (N, W, w); visible: (W, W);
     task: which loss each target counts in (an index into the stage's task names), broadcastable
-    to (N, W, L): (W, 1) per window, or per token; targets -100 where nothing is predicted."""
+    to (N, W, w): (W, 1) per window, or per token; targets -100 where nothing is predicted."""
     tokens: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
@@ -322,43 +323,27 @@ class Batch:
 
     @property
     def supervised(self) -> torch.Tensor:
-        """(N, W, L) bool: where a target is predicted (the only logits a loss needs)."""
+        """(N, W, w) bool: where a target is predicted (the only logits a loss needs)."""
         return self.targets != -100
 
     def to(self, device) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def pretraining_layout(T: int, tasks) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 5's windows: T completion windows, then T reconstruction windows when that task is on.
-
-    Returns visible (W, W), where completion window i sees completion windows j < i and
-    reconstruction window i sees completion windows j <= i (nobody sees a reconstruction
-    window), and task (W,) for each window.
-    """
-    with_reconstruction = "reconstruction" in tasks
-    W = 2 * T if with_reconstruction else T
-    visible = torch.zeros(W, W, dtype=torch.bool)
-    visible[:T, :T] = torch.ones(T, T).tril(-1).bool()  # completion: strictly earlier windows
-    if with_reconstruction:
-        visible[T:, :T] = torch.ones(T, T).tril(0).bool()  # reconstruction i: windows 1..i
-    task = torch.tensor([0] * T + [1] * (W - T))
-    return visible, task
-
-
-def pretraining_example(sequence: list[int], T: int, w: int, tasks, rng: torch.Generator):
-    """One text of T * w tokens -> tokens, mask, targets (W, w) of the SPEC 5 layout.
+def pretraining_example(sequence: list[int], C: int, w: int, tasks, rng: torch.Generator):
+    """One text of C * w tokens -> tokens, mask, targets (W, w) of the self-supervised tasks
+    (paper §3; pretraining_layout gives which windows each one sees).
 
     Reconstruction window i (1-based) is a span of the text seen so far: its start is uniform
     over the first i * w tokens, and it is cut at min(start + w, i * w), then right-padded.
     """
-    text = torch.tensor(sequence).view(T, w)
-    tokens, mask = [text], [torch.ones(T, w, dtype=torch.bool)]
+    text = torch.tensor(sequence).view(C, w)
+    tokens, mask = [text], [torch.ones(C, w, dtype=torch.bool)]
     if "reconstruction" in tasks:
-        spans = torch.zeros(T, w, dtype=torch.long)
-        span_mask = torch.zeros(T, w, dtype=torch.bool)
+        spans = torch.zeros(C, w, dtype=torch.long)
+        span_mask = torch.zeros(C, w, dtype=torch.bool)
         flat = text.flatten()
-        for i in range(1, T + 1):
+        for i in range(1, C + 1):
             start = int(torch.randint(0, i * w, (1,), generator=rng))
             end = min(start + w, i * w)
             spans[i - 1, :end - start] = flat[start:end]
@@ -368,7 +353,7 @@ def pretraining_example(sequence: list[int], T: int, w: int, tasks, rng: torch.G
     tokens, mask = torch.cat(tokens), torch.cat(mask)
     targets = next_token_targets(tokens, mask)
     if "completion" not in tasks:  # the ablation: completion windows still give context
-        targets[:T] = -100
+        targets[:C] = -100
     return tokens, mask, targets
 
 
@@ -379,37 +364,9 @@ def next_token_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return targets
 
 
-def user_turn(prompt: str, context: str | None = None) -> str:
-    """The user message of a query: the context (when it is in the prompt), then the prompt."""
-    return f"{context}\n\n{prompt}" if context else prompt
-
-
-def chat_example(tokenizer: Tokenizer, prompt: str, answer: str,
-                 follow_ups: list[tuple[str, str]] = ()) -> tuple[list[int], list[int]]:
-    """Token ids of a user turn + assistant answer (then any follow-up (question, answer) turns),
-    and the targets: each answer's tokens (and EOS) where they are predicted, -100 elsewhere
-    (SPEC 6: loss on the answer only)."""
-    messages, ids, targets = [], [], []
-    for question, reply in [(prompt, answer), *follow_ups]:
-        messages.append({"role": "user", "content": question})
-        asked = tokenizer.encode_chat(messages)
-        messages.append({"role": "assistant", "content": reply})
-        full = tokenizer.encode_chat(messages)
-        if asked[:len(ids)] != ids or full[:len(asked)] != asked:
-            raise ValueError(f"the chat template tokenises the prompt differently once the answer "
-                             f"follows; cannot mask the prompt of {question[:40]!r}")
-        targets += [-100] * (len(asked) - len(ids) - 1) + full[len(asked):] + [-100]
-        ids = full
-    return ids, targets
-
-
-def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
-    """SPEC 6: a context is given to the generator as a user turn of the chat template."""
-    return tokenizer.encode_chat([{"role": "user", "content": context}])
-
-
 def sft_example(tokenizer: Tokenizer, record, w: int):
-    """SPEC 6: the context as a user turn split into windows, then the prompt + answer window.
+    """An instruction-tuning example (paper §4): the context as a user turn split into windows,
+    then the prompt + answer window.
 
     Returns the context windows (lists of ids) and the final window's ids and targets, or None
     when the prompt and answer do not fit in one window.
@@ -428,13 +385,13 @@ def sft_size(example) -> tuple[int, int]:
 
 
 def sft_batch(examples, pad_id: int = 0) -> Batch:
-    """Collates SPEC 6 examples: context windows first, empty windows, the final window last,
-    so that every window sees the strictly earlier ones (empty windows add nothing)."""
+    """Collates sft_example's examples: context windows first, empty windows, the final window
+    last, so that every window sees the strictly earlier ones (empty windows add nothing)."""
     W = max(len(windows) for windows, _, _ in examples) + 1
-    L = max(len(x) for windows, ids, _ in examples for x in [*windows, ids])
-    tokens = torch.full((len(examples), W, L), pad_id)
-    mask = torch.zeros(len(examples), W, L, dtype=torch.bool)
-    targets = torch.full((len(examples), W, L), -100)
+    w = max(len(x) for windows, ids, _ in examples for x in [*windows, ids])
+    tokens = torch.full((len(examples), W, w), pad_id)
+    mask = torch.zeros(len(examples), W, w, dtype=torch.bool)
+    targets = torch.full((len(examples), W, w), -100)
     for n, (windows, ids, target) in enumerate(examples):
         for j, window in enumerate(windows):
             tokens[n, j, :len(window)] = torch.tensor(window)
@@ -451,7 +408,7 @@ def sft_batch(examples, pad_id: int = 0) -> Batch:
 
 
 class PretrainBatches:
-    """Micro-batches of SPEC 5 examples from a TextStream, with the given tasks' windows."""
+    """Micro-batches of pretraining examples from a TextStream, with the given tasks' windows."""
 
     def __init__(self, stream: TextStream, config: TrainConfig, seed: int, tasks=None):
         self.stream, self.config, self.tasks = stream, config, tasks or config.tasks
@@ -645,7 +602,7 @@ class BaseBatches:
 
 
 def load_sft_examples(paths, tokenizer: Tokenizer, w: int) -> tuple[list, int]:
-    """SPEC 6 examples of every record whose prompt and answer fit one window; and how many
+    """sft_example's examples of every record whose prompt and answer fit one window; and how many
     records were skipped for not fitting."""
     examples, skipped = [], 0
     for path in paths:
@@ -666,7 +623,7 @@ def load_sft_examples(paths, tokenizer: Tokenizer, w: int) -> tuple[list, int]:
 
 def task_losses(logits: torch.Tensor, batch: Batch, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and token counts per task (n_tasks,), float32, from the
-    logits (n, vocab) at the n supervised positions of the batch."""
+    logits (n, V) at the n supervised positions of the batch."""
     supervised = batch.supervised
     ce = F.cross_entropy(logits.float(), batch.targets[supervised], reduction="none")  # (n,)
     task = batch.task.expand_as(batch.targets)[supervised]
@@ -720,8 +677,8 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def combine(sums: torch.Tensor, counts: torch.Tensor, per_task: bool) -> torch.Tensor:
-    """The loss: the mean over all supervised tokens (SPEC 5), or the sum of each task's mean
-    (the base stage, so that short answers weigh as much as long texts)."""
+    """The loss: the mean over all supervised tokens of both tasks (paper §3), or the sum of each
+    task's mean (the base stage, so that short answers weigh as much as long texts)."""
     if per_task:
         return (sums / counts.clamp_min(1)).sum()
     return sums.sum() / counts.sum().clamp_min(1)
@@ -736,7 +693,7 @@ def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float
     """One optimiser step over micro-batches (gradient accumulation).
 
     Args:
-        forward: batch -> (logits (N, W, L, vocab), guard count).
+        forward: batch -> (logits (n, V) at the batch's n supervised positions, guard count).
         params: the trained parameters (for clipping).
         n_tasks: how many task indices batches carry (losses are reported per task).
         sync_module: the DDP module: gradients are all-reduced on the last micro-batch only.
@@ -749,7 +706,7 @@ def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         no_sync = sync_module.no_sync() if sync_module is not None and not last else contextlib.nullcontext()
-        with no_sync, autocast(batch.tokens.device):
+        with no_sync, cli.autocast(batch.tokens.device):
             logits, f = forward(batch)
             s, c = task_losses(logits, batch, n_tasks)
             (combine(s, c, per_task) / len(micro_batches)).backward()
@@ -760,17 +717,12 @@ def train_step(forward, params, micro_batches: list[Batch], optimizer, lr: float
     return sums, counts, fired, grad_norm
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (generator weights stay float32), nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def perplexities(forward, batches: list[Batch], names) -> dict:
     """Perplexity per task over validation batches."""
     sums = counts = 0
     for batch in batches:
-        with autocast(batch.tokens.device):
+        with cli.autocast(batch.tokens.device):
             s, c = task_losses(forward(batch)[0], batch, len(names))
         sums, counts = sums + s, counts + c
     return {name: math.exp(min(50.0, float(s / c))) for name, s, c in zip(names, sums, counts) if c > 0}
@@ -779,11 +731,9 @@ def perplexities(forward, batches: list[Batch], names) -> dict:
 @torch.no_grad()
 def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_context: bool) -> float:
     """Greedy exact match of short answers, the context in the prompt or not (base stage)."""
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": user_turn(
-        r.prompt, r.context if with_context else None)}]) for r in records]
+    prompts = [query_prompt(tokenizer, r.prompt, r.context if with_context else None) for r in records]
     outputs = generate(model, prompts, 12, stop=("\n",), tokenizer=tokenizer, truncate=True)
-    hits = [tokenizer.decode(o).split("\n")[0].strip().lower() == r.answer.strip().lower()
-            for o, r in zip(outputs, records)]
+    hits = [answer_text(tokenizer, o).lower() == r.answer.strip().lower() for o, r in zip(outputs, records)]
     return sum(hits) / len(hits)
 
 
@@ -940,8 +890,7 @@ class Run:
 def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     if config.stage == "base":
         return build_base(config, rank, world, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base, tokenizer = load(config.base, device, dtype)
+    base, tokenizer = load(config.base, device, cli.compute_dtype(device))
     base.checkpointing = device.type == "cuda"  # recompute the base's layers in backward
     torch.manual_seed(config.seed)  # the generator's initialisation and the randomised SVDs' draws
     if config.stage == "pretrain":

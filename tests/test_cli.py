@@ -1,6 +1,7 @@
-"""cli.py: what the command-line scripts share (one-line errors, --device, strict JSON)."""
+"""cli.py: what the command-line scripts share (one-line errors, --device, peak memory, strict JSON)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,11 @@ def test_results_are_strict_json():
     text = cli.strict_json({"accuracy": float("nan"), "rows": [{"tokens_per_s": float("inf"), "f1": 0.5}]})
     strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
     assert strict == {"accuracy": None, "rows": [{"tokens_per_s": None, "f1": 0.5}]}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_peak_memory_sees_an_allocation():
+    with cli.PeakMemory(torch.device("cpu")) as memory:
+        x = torch.ones(25 * 2**20)  # 100 MB, written so that every page is resident
+        del x
+    assert 95 < memory.extra_mb < 110 and memory.peak_mb >= memory.extra_mb

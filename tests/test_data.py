@@ -405,8 +405,7 @@ def test_tiny_generator_loads_and_injects_a_document():
     # lowers the base's loss on the answer to a question about it (the context not in the prompt)
     import torch
     from generator import AdapterGenerator, merged
-    from model import load
-    from train import chat_example, context_ids
+    from model import chat_example, context_ids, load
     model, tokenizer = load(ROOT / "data" / "tiny")
     generator = AdapterGenerator.load(ROOT / "data" / "tiny" / "generator", model.args)
     records = list(read_instructions(WORLD / "instructions_validation.jsonl"))[:32]

@@ -15,6 +15,7 @@ import torch
 import evaluate
 from conftest import random_model, tiny_args
 from generator import AdapterGenerator, GeneratorConfig
+from model import query_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "data" / "world"
@@ -64,24 +65,6 @@ def test_bm25_by_hand():
 def test_document_grouping_by_token_budget():
     assert evaluate.group_documents(["a"] * 5, [3, 4, 2, 6, 1], 7) == [[0, 1], [2], [3, 4]]
     assert evaluate.group_documents(["a"] * 3, [9, 1, 1], 5) == [[0], [1, 2]]
-
-
-def test_flop_formulas_by_hand():
-    args = tiny_args()  # dim 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, hidden 96, vocab 320
-    # per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12288; MLP 3*64*96 = 18432
-    # 2 layers: 61440; output head 320*64 = 20480; in all 81920 weights per token
-    assert evaluate.matmul_params(args) == 81920
-    # 3 new tokens after 2 cached: 2*81920*3 = 491520; they see 3 + 4 + 5 = 12 keys:
-    # 4 * 2 layers * 4 heads * 16 * 12 = 6144
-    assert evaluate.forward_flops(args, 3, 2) == 497664
-    assert evaluate.generation_flops(args, 2, 1) == evaluate.forward_flops(args, 2) + evaluate.forward_flops(args, 1, 2)
-    # KV cache: 2 (k, v) * 2 layers * 2 kv heads * 16 * 10 tokens
-    assert evaluate.kv_cache_floats(args, 10) == 1280
-    gen = AdapterGenerator(args, GeneratorConfig(d_r=16, r=12, k=4, window=8, svd_niter=1))
-    # per token per layer: 2*64*(16+12) + 2*16*12 = 3968; per window per layer:
-    # SVD 4*2*16*12*4 + 4*4*4*12 = 6912, LoRA factors 2*4*16*64 + 2*64*12*4 = 14336
-    expected = evaluate.forward_flops(args, 8) + 2 * 3968 * 8 + 2 * (6912 + 14336)
-    assert evaluate.ingestion_flops(args, gen, [8]) == expected
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +145,7 @@ def test_every_task_and_method_end_to_end(tiny, task):
 
 def test_gold_rank_equals_scoring_each_answer_alone(tiny):
     model, tokenizer = evaluate.load(tiny / "base", "cpu")
-    prompts = [evaluate.query_prompt(tokenizer, q) for q in ("Where was Maro Velin born?", "When?")]
+    prompts = [query_prompt(tokenizer, q) for q in ("Where was Maro Velin born?", "When?")]
     candidates = [["Tesk", "Brohoum", "Vaihen 2", "Gofom"], ["1984", "2001", "1962"]]
     ranks = evaluate.gold_ranks(model, tokenizer, prompts, candidates)
     for prompt, answers, rank in zip(prompts, candidates, ranks):
@@ -193,7 +176,7 @@ def test_oracle_prompt_holds_the_oracle_session_only(tiny, monkeypatch):
     asked = []
     monkeypatch.setattr(evaluate, "answer", lambda model, tok, prompts, *rest, **kw: asked.extend(prompts) or ([""], 1, 1))
     evaluate.run_method("prompt_oracle", unit, model, tokenizer, None, evaluate.Settings(2, 4, 0, 0.0, 1, 0))
-    assert asked == [evaluate.query_prompt(tokenizer, unit.queries[0], unit.oracle)]
+    assert asked == [query_prompt(tokenizer, unit.queries[0], unit.oracle)]
 
 
 def test_same_kind_answers():
@@ -298,11 +281,3 @@ def test_command_line_error_is_one_line(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert (done.returncode, done.stderr) == (2, "evaluate.py: error: --shots 32: job_to_shift_16_100_train.jsonl "
                                                  "has only 16 demonstrations\n")
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
-def test_peak_memory_sees_an_allocation():
-    with evaluate.PeakMemory(torch.device("cpu")) as memory:
-        x = torch.ones(25 * 2**20)  # 100 MB, written so that every page is resident
-        del x
-    assert 95 < memory.extra_mb < 110 and memory.peak_mb >= memory.extra_mb

@@ -1,4 +1,4 @@
-"""generator.py: the six invariants of SPEC 8 and the rest of the generator's contract."""
+"""generator.py: the six invariants of METHOD.md and the rest of the generator's contract."""
 
 import json
 import subprocess
@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_args
-from generator import (AdapterGenerator, ContextState, GeneratorConfig, LoRA, export_peft,
-                       guard, merged, randomized_svd, split_windows, svd_normalize)
-from model import Tokenizer
+from generator import (AdapterGenerator, ContextState, GeneratorConfig, LoRA, export_peft, guard,
+                       ingestion_flops, merged, randomized_svd, split_windows, svd_normalize)
+from model import Tokenizer, forward_flops
 
 W, w = 4, 8  # windows and window length of the equivalence tests
 
@@ -43,11 +43,13 @@ def strictly_earlier(n: int) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# SPEC 8.1: the parallel training forward computes what streaming computes
+# Invariant 1: the parallel training forward computes what streaming computes
 
 
 @pytest.mark.parametrize("modules", [["o_proj"], ["q_proj", "down_proj"]])
 def test_parallel_forward_equals_streaming(modules):
+    """Invariant 1 (streaming equals parallel): window t of the training forward gives the logits
+    of the streaming loop after windows 0 .. t-1 (exact SVD)."""
     model, gen = make(tiny_config(target_modules=modules))
     tokens = torch.randint(3, 320, (1, W, w))
     parallel, fired = gen(model, tokens, torch.ones_like(tokens, dtype=torch.bool), strictly_earlier(W))
@@ -99,11 +101,13 @@ def test_padding_rows_do_not_count():
 
 
 # -----------------------------------------------------------------------------
-# SPEC 8.2 and 8.3: three ways to apply an adapter; a zero B changes nothing
+# Invariants 2 and 3: three ways to apply an adapter; a zero B changes nothing
 
 
 @pytest.mark.parametrize("norm", ["svd", "frobenius"])
 def test_three_forms_agree(norm):
+    """Invariant 2 (three forms agree): on the fly, LoRA factors and merged weights give the same
+    logits, and unmerging restores the weights exactly."""
     model, gen = make(tiny_config(norm=norm))
     state = gen.contextualize(model, torch.randint(3, 320, (3 * w,)).tolist())
     tokens = torch.randint(3, 320, (2, 10))
@@ -119,6 +123,8 @@ def test_three_forms_agree(norm):
 
 
 def test_zero_b_leaves_the_base_unchanged():
+    """Invariant 3 (a zero B changes nothing): a fresh generator leaves the base's logits as they
+    are, in training and in streaming."""
     model = random_model(tiny_args())
     gen = AdapterGenerator(model.args, tiny_config())  # fresh: B = 0
     tokens = torch.randint(3, 320, (1, W, w))
@@ -129,10 +135,11 @@ def test_zero_b_leaves_the_base_unchanged():
 
 
 # -----------------------------------------------------------------------------
-# SPEC 8.4: N(S)
+# Invariant 4: N(S)
 
 
 def test_normalisation_is_orthonormal_with_unit_spectral_norm():
+    """Invariant 4 (N(S) is normalised): orthonormal factors, spectral norm 1."""
     S = torch.randn(3, 2, 16, 12)
     for svd in ("exact", "randomized"):
         P, Q, _ = svd_normalize(S, tiny_config(svd=svd, svd_niter=2))
@@ -143,6 +150,7 @@ def test_normalisation_is_orthonormal_with_unit_spectral_norm():
 
 
 def test_randomized_equals_exact_at_low_rank():
+    """Invariant 4 (N(S) is normalised): the randomised and exact SVDs agree at rank <= k."""
     S = torch.randn(5, 16, 3) @ torch.randn(5, 3, 12) + 0.0  # rank 3 <= k = 4
     Pe, Qe, _ = svd_normalize(S, tiny_config(svd="exact"))
     Pr, Qr, _ = svd_normalize(S, tiny_config(svd="randomized"))
@@ -166,10 +174,11 @@ def test_no_context_gives_no_adapter():
 
 
 # -----------------------------------------------------------------------------
-# SPEC 8.5 and 8.6: the state's size; persistence bit for bit
+# Invariants 5 and 6: the state's size; persistence bit for bit
 
 
 def test_state_size_does_not_grow_with_context():
+    """Invariant 5 (the state does not grow): the same accumulator for 1 and 25 windows."""
     model, gen = make()
     short = gen.contextualize(model, list(range(3, 3 + w)))
     long = gen.contextualize(model, torch.randint(3, 320, (25 * w,)).tolist())
@@ -178,6 +187,8 @@ def test_state_size_does_not_grow_with_context():
 
 
 def test_save_and_reload_reproduce_the_adapter(tmp_path):
+    """Invariant 6 (saving is exact): a reloaded generator and state give the same adapter, bit
+    for bit."""
     model, gen = make(tiny_config(svd="randomized"))
     state = gen.contextualize(model, torch.randint(3, 320, (3 * w,)).tolist())
     gen.save(tmp_path / "gen")
@@ -202,6 +213,8 @@ gen.contextualize(model, {rest!r}, state=state).save({out!r})
 
 
 def test_resumable_memory_equals_one_shot(tmp_path):
+    """Invariant 6 (saving is exact), across processes: a memory saved after half a context and
+    resumed in a new process equals the whole context streamed at once."""
     model, gen = make()
     ids = torch.randint(3, 320, (4 * w,)).tolist()
     model.save_pretrained(tmp_path / "base")
@@ -335,7 +348,7 @@ def test_windows_shorter_than_k_train_as_they_stream():
     assert fired.item() == 0
     loss = torch.nn.functional.cross_entropy(parallel.flatten(0, 2), target.flatten())
     grads = torch.autograd.grad(loss, list(gen.parameters()))
-    state, streamed = gen.empty_state(), []  # the streaming loop (paper Sec. 3), with autograd on
+    state, streamed = gen.empty_state(), []  # the streaming loop (paper §3), with autograd on
     for t in range(W):
         adapter = gen.on_the_fly(state) if t else None
         logits, hidden = model(tokens[:, t], adapter=adapter, return_hidden=True)
@@ -358,6 +371,20 @@ def test_gradients_reach_only_the_generator():
     assert all(p.grad is None for p in model.parameters())
     for name, p in gen.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_checkpointed_base_gives_the_generator_the_same_gradients():
+    """Training with the base's layers recomputed in backward (as on CUDA) gives the generator
+    the gradients of training without."""
+    model, gen = make()
+    tokens = torch.randint(3, 320, (2, W, w))
+    grads = {}
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        logits, _ = gen(model, tokens, torch.ones_like(tokens, dtype=torch.bool), strictly_earlier(W))
+        grads[checkpointing] = torch.autograd.grad(logits.logsumexp(-1).mean(), list(gen.parameters()))
+    for plain, recomputed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -436,3 +463,12 @@ def test_generator_json_errors(tmp_path, edit, message):
     (tmp_path / "generator.json").write_text(edit(meta))
     with pytest.raises(ValueError, match=message):
         AdapterGenerator.load(tmp_path, gen.args)
+
+
+def test_ingestion_flops_by_hand():
+    args = tiny_args()  # the base's FLOPs are counted by hand in tests/test_model.py
+    gen = AdapterGenerator(args, GeneratorConfig(d_r=16, r=12, k=4, window=8, svd_niter=1))
+    # per token per layer: 2*64*(16+12) + 2*16*12 = 3968; per window per layer:
+    # SVD 4*2*16*12*4 + 4*4*4*12 = 6912, LoRA factors 2*4*16*64 + 2*64*12*4 = 14336
+    expected = forward_flops(args, 8) + 2 * 3968 * 8 + 2 * (6912 + 14336)
+    assert ingestion_flops(args, gen, [8]) == expected

@@ -4,6 +4,7 @@ import json
 import os
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_args
-from model import (KVCache, ModelArgs, Tokenizer, Transformer, apply_rope, generate, load,
-                   rope_cos_sin)
+from model import (KVCache, ModelArgs, Tokenizer, Transformer, apply_rope, chat_example, forward_flops, generate,
+                   generation_flops, kv_cache_floats, load, matmul_params, rope_cos_sin)
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tiny" / "tokenizer.model"
 
 # -----------------------------------------------------------------------------
 # An independent reference: Meta's formulation on the consolidated (native) weights
@@ -108,20 +111,33 @@ def test_grouped_query_equals_repeated_heads():
 def test_adapter_delta_equals_changed_weight():
     model = random_model(tiny_args())
     tokens = torch.randint(0, 320, (2, 9))
-    D = torch.randn(64, 64) * 0.1
+    delta_w = torch.randn(64, 64) * 0.1
     seen = []
 
     def adapter(layer, h):
         seen.append(h)
-        return {"o_proj": lambda x: x @ D.T} if layer == 1 else {}
+        return {"o_proj": lambda x: x @ delta_w.T} if layer == 1 else {}
 
     logits, hidden = model(tokens, adapter=adapter, return_hidden=True)
     changed = random_model(tiny_args())
-    changed.layers[1].self_attn.o_proj.weight.add_(D)
+    changed.layers[1].self_attn.o_proj.weight.add_(delta_w)
     torch.testing.assert_close(logits, changed(tokens), atol=1e-5, rtol=1e-5)
     assert len(hidden) == 2 and all(a is b for a, b in zip(hidden, seen))
     torch.testing.assert_close(hidden[0], model.embed_tokens(tokens))
     assert torch.equal(model(tokens), random_model(tiny_args())(tokens))  # weights untouched
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Transformer.checkpointing (each layer recomputed in backward) changes no gradient."""
+    model = random_model(tiny_args()).requires_grad_(True)
+    tokens = torch.randint(0, 320, (2, 12))
+    grads = {}
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        loss = model(tokens).logsumexp(-1).mean()
+        grads[checkpointing] = torch.autograd.grad(loss, list(model.parameters()))
+    for plain, recomputed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -276,7 +292,7 @@ def test_ignores_stored_rope_tables(tmp_path):
 
 def test_tokenizer_round_trip_and_ids(spm_path):
     tok = Tokenizer(spm_path, template="mistral")
-    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2)
     for text in ["Grüße aus Köln — 東京 🙂 and  two  spaces", "Maro Velin, born 1962 in Tesk."]:
         ids = tok.encode(text, bos=True, eos=True)
         assert ids[0] == 1 and ids[-1] == 2
@@ -318,6 +334,39 @@ def test_chat_roles_must_alternate(spm_path):
         tok.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ValueError, match="no chat template is known"):
         Tokenizer(spm_path).encode_chat([{"role": "user", "content": "a"}])
+
+
+def test_chat_example_with_follow_up_questions():
+    # the base stage asks several questions about one context: each answer is supervised,
+    # every user turn is not, and the ids are the conversation in the chat template
+    tok = Tokenizer(TINY_TOKENIZER, template="mistral")
+    turns = [("Maro Velin was born in Tesk.\n\nWhere was Maro Velin born?", "Tesk"),
+             ("When was Maro Velin born?", "1961"), ("What does Maro Velin do?", "baker")]
+    ids, targets = chat_example(tok, *turns[0], follow_ups=turns[1:])
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    assert ids == tok.encode_chat(messages) and len(targets) == len(ids)
+    supervised = [t for t in targets if t != -100]
+    assert supervised == sum((tok.encode(a, bos=False, eos=True) for _, a in turns), [])
+    assert all(t == -100 or ids[i + 1] == t for i, t in enumerate(targets))  # target t predicts token t + 1
+    first = len(tok.encode_chat(messages[:2]))
+    assert chat_example(tok, *turns[0]) == (ids[:first], targets[:first])
+
+
+# -----------------------------------------------------------------------------
+# Costs
+
+
+def test_flop_formulas_by_hand():
+    args = tiny_args()  # dim 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, hidden 96, vocab 320
+    # per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12288; MLP 3*64*96 = 18432
+    # 2 layers: 61440; output head 320*64 = 20480; in all 81920 weights per token
+    assert matmul_params(args) == 81920
+    # 3 new tokens after 2 cached: 2*81920*3 = 491520; they see 3 + 4 + 5 = 12 keys:
+    # 4 * 2 layers * 4 heads * 16 * 12 = 6144
+    assert forward_flops(args, 3, 2) == 497664
+    assert generation_flops(args, 2, 1) == forward_flops(args, 2) + forward_flops(args, 1, 2)
+    # KV cache: 2 (k, v) * 2 layers * 2 kv heads * 16 * 10 tokens
+    assert kv_cache_floats(args, 10) == 1280
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import cli
 import train
 from conftest import random_model, tiny_args
 from data.readers import Instruction
-from generator import AdapterGenerator
+from generator import TASKS, AdapterGenerator, pretraining_layout
 from model import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +54,11 @@ def log(out: Path) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# SPEC 5's layout
+# The self-supervised tasks' windows (paper §3)
 
 
 def test_task_layout_by_hand():
-    visible, task = train.pretraining_layout(3, train.TASKS)
+    visible, task = pretraining_layout(3, TASKS)
     assert visible.int().tolist() == [
         [0, 0, 0, 0, 0, 0],
         [1, 0, 0, 0, 0, 0],
@@ -67,9 +67,9 @@ def test_task_layout_by_hand():
         [1, 1, 0, 0, 0, 0],  # reconstruction 2 sees windows 1..2
         [1, 1, 1, 0, 0, 0]]
     assert task.tolist() == [0, 0, 0, 1, 1, 1]
-    sequence = list(range(100, 112))  # T = 3 windows of w = 4
+    sequence = list(range(100, 112))  # C = 3 windows of w = 4
     rng = torch.Generator().manual_seed(0)
-    tokens, mask, targets = train.pretraining_example(sequence, 3, 4, train.TASKS, rng)
+    tokens, mask, targets = train.pretraining_example(sequence, 3, 4, TASKS, rng)
     assert tokens[:3].flatten().tolist() == sequence
     assert targets[0].tolist() == [101, 102, 103, -100]
     for i in range(1, 4):  # span of window i: inside the first i * w tokens, at most w long
@@ -84,7 +84,7 @@ def test_span_starts_cover_the_text_seen_so_far():
     rng = torch.Generator().manual_seed(0)
     starts = {i: set() for i in range(1, 4)}
     for _ in range(300):
-        tokens, mask, _ = train.pretraining_example(list(range(12)), 3, 4, train.TASKS, rng)
+        tokens, mask, _ = train.pretraining_example(list(range(12)), 3, 4, TASKS, rng)
         for i in range(1, 4):
             starts[i].add(int(tokens[2 + i, 0]))
     assert starts == {i: set(range(4 * i)) for i in range(1, 4)}
@@ -92,11 +92,11 @@ def test_span_starts_cover_the_text_seen_so_far():
 
 def test_ablation_switches():
     sequence = list(range(100, 112))
-    both = train.pretraining_example(sequence, 3, 4, train.TASKS, torch.Generator().manual_seed(0))
+    both = train.pretraining_example(sequence, 3, 4, TASKS, torch.Generator().manual_seed(0))
     completion = train.pretraining_example(sequence, 3, 4, ["completion"], torch.Generator().manual_seed(0))
     reconstruction = train.pretraining_example(sequence, 3, 4, ["reconstruction"], torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b[:3]) for a, b in zip(completion, both))  # no reconstruction windows
-    assert torch.equal(train.pretraining_layout(3, ["completion"])[0], torch.ones(3, 3).tril(-1).bool())
+    assert torch.equal(pretraining_layout(3, ["completion"])[0], torch.ones(3, 3).tril(-1).bool())
     assert torch.equal(reconstruction[0], both[0]) and torch.equal(reconstruction[2][3:], both[2][3:])
     assert (reconstruction[2][:3] == -100).all()  # completion windows give context, no loss
     config = train.parse_args(["--norm", "frobenius"])
@@ -127,7 +127,7 @@ def test_base_stage_data_resumes_from_a_counter():
 
 
 # -----------------------------------------------------------------------------
-# SPEC 6: loss on the answer only
+# Instruction tuning: loss on the answer only (paper §4)
 
 
 def test_tiny_base_init():
@@ -157,22 +157,6 @@ def test_sft_targets_cover_only_the_answer():
     assert (batch.targets[:, :-1] == -100).all()  # context windows carry no loss
     assert batch.mask[1, 1:-1].sum() == 0  # empty windows between context and final window
     assert batch.visible.int().tolist() == torch.ones(len(windows) + 1, len(windows) + 1).tril(-1).int().tolist()
-
-
-def test_chat_example_with_follow_up_questions():
-    # the base stage asks several questions about one context: each answer is supervised,
-    # every user turn is not, and the ids are the conversation in the chat template
-    tok = Tokenizer(TOKENIZER, template="mistral")
-    turns = [("Maro Velin was born in Tesk.\n\nWhere was Maro Velin born?", "Tesk"),
-             ("When was Maro Velin born?", "1961"), ("What does Maro Velin do?", "baker")]
-    ids, targets = train.chat_example(tok, *turns[0], follow_ups=turns[1:])
-    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    assert ids == tok.encode_chat(messages) and len(targets) == len(ids)
-    supervised = [t for t in targets if t != -100]
-    assert supervised == sum((tok.encode(a, bos=False, eos=True) for _, a in turns), [])
-    assert all(t == -100 or ids[i + 1] == t for i, t in enumerate(targets))  # target t predicts token t + 1
-    assert train.chat_example(tok, *turns[0]) == (ids[:len(tok.encode_chat(messages[:2]))],
-                                                  targets[:len(tok.encode_chat(messages[:2]))])
 
 
 # -----------------------------------------------------------------------------
@@ -221,8 +205,8 @@ def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=l
 def test_validation_measures_both_tasks_of_an_ablation(world, tmp_path, task):
     train.main(args(world, tmp_path, "--steps", "1", "--tasks", task))
     validation = json.loads((tmp_path / "validation.jsonl").read_text())
-    assert set(validation["ppl_with_adapter"]) == set(validation["ppl_base_alone"]) == set(train.TASKS)
-    assert set(log(tmp_path)[0]) >= {f"loss_{task}"} and not set(log(tmp_path)[0]) & {f"loss_{t}" for t in train.TASKS if t != task}
+    assert set(validation["ppl_with_adapter"]) == set(validation["ppl_base_alone"]) == set(TASKS)
+    assert set(log(tmp_path)[0]) >= {f"loss_{task}"} and not set(log(tmp_path)[0]) & {f"loss_{t}" for t in TASKS if t != task}
 
 
 def test_validation_reads_successive_batches(world, tmp_path, monkeypatch):
@@ -245,6 +229,23 @@ def test_curriculum_phases_and_learning_rate():
     plain = train.parse_args(["--stage", "sft", "--data", "x.jsonl"])  # --data replaces the preset's ladder
     assert plain.curriculum == [] and train.phase_at(5, plain) == (0, 0, plain.steps)
     assert train.parse_args(["--stage", "sft"]).curriculum == train.TINY_PRESETS["sft"]["curriculum"]
+
+
+def test_learning_rate_schedule():
+    """Linear warm-up to lr, then a cosine that reaches lr / 10 at the phase's end; each
+    curriculum phase starts the schedule afresh."""
+    config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,people:20", "--warmup", "4",
+                               "--lr", "1e-3"])
+    lr = [train.learning_rate(s, config) for s in range(30)]
+    assert lr[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # (step + 1) / warmup of the peak
+    assert lr[4] == pytest.approx(1e-3) and lr[7] == pytest.approx(5.5e-4)  # cosine: peak, half-way
+    assert all(a > b for a, b in zip(lr[4:10], lr[5:10]))
+    assert lr[10:14] == lr[:4] and lr[14] == pytest.approx(1e-3)  # the second phase warms up again
+    assert lr[22] == pytest.approx(5.5e-4)  # half-way through its 16 steps of decay
+    assert train.learning_rate(30, config) == pytest.approx(1e-4)  # lr / 10 where the run ends
+    single = train.parse_args(["--steps", "100", "--warmup", "10", "--lr", "1e-3"])  # no curriculum
+    assert train.learning_rate(55, single) == pytest.approx(5.5e-4)
+    assert train.learning_rate(100, single) == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -340,7 +341,7 @@ import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import train
 from model import Transformer
-from generator import AdapterGenerator
+from generator import TASKS, AdapterGenerator, pretraining_layout
 from torch.nn.parallel import DistributedDataParallel as DDP
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 if world > 1:
