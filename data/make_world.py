@@ -894,19 +894,23 @@ class Ladder:
       fact       one fact of one person in one sentence ("Maro Velin was born in Tesk.");
       people     1-4 people with 1-3 facts each, one sentence per fact, shuffled;
       documents  1-3 documents with distractors, as in instructions_train (qa_instruction);
-      streams    3-8 documents (about 150-600 tokens, several windows), a question on any one.
+      streams    3-8 documents (about 150-600 tokens, several windows), a question on any one;
+      fewshot    4-16 demonstrations of a MetaICL train task, then a query (fewshot_instruction);
+      dialogue   an MSC user's earlier sessions, then a question about one of their own facts.
 
     In "fact" and "people" the values are drawn at random for each record (a person's birthplace
     differs between records), so the answer can only come from the context. Names come from the
-    split asked for: train records name train entities only, validation records validation ones.
-    A share `replay` of each rung's records are drawn from the rungs below it, so that they are
+    split asked for: train records name train entities (and train tasks and MSC users) only,
+    validation records validation ones. A share `replay` of each rung's records are drawn from the rungs below it, so that they are
     not forgotten. Record i of a rung is a function of (rung, split, key).
     """
 
-    RUNGS = ("fact", "people", "documents", "streams")
+    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "dialogue")
 
     def __init__(self, config: WorldConfig = WorldConfig(), replay: float = 0.25):
-        self.world, self.replay = build_world(config), replay
+        self.world, self.replay, self.config = build_world(config), replay, config
+        self.tasks = build_tasks(self.world, config.seed)[0]
+        self.users = {}  # split -> its MSC users (those of the msc_self_instruct files), made when first asked
 
     def record(self, rung: str, split_name: str, key: str) -> dict:
         if rung not in self.RUNGS:
@@ -919,6 +923,15 @@ class Ladder:
         if rung in ("fact", "people"):
             return self._facts(split, rng, people=1 if rung == "fact" else rng.randint(1, 4),
                                facts=1 if rung == "fact" else None)
+        if rung == "fewshot":
+            return fewshot_instruction(rng.choice(self.tasks), split, rng)
+        if rung == "dialogue":
+            if split_name not in self.users:
+                n_users = self.config.msc_users[SPLITS.index(split_name)]
+                self.users[split_name] = msc_users(self.world, split_name, n_users, self.config.seed)
+            user, facts = rng.choice(self.users[split_name])
+            fact = rng.choice(facts)
+            return {"context": dialogue_text(user), "prompt": fact.question, "answer": fact.answer}
         documents = documents_about(self.world, split, rng.randint(1, 3) if rung == "documents"
                                     else rng.randint(3, 8), rng)
         phrasings, answers = rng.choice(rng.choice(documents).questions)

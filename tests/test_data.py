@@ -246,7 +246,9 @@ def test_ladder_rungs():
     records = {(rung, split): [ladder.record(rung, split, str(i)) for i in range(120)]
                for rung in ladder.RUNGS for split in ("train", "validation")}
     for (rung, split), rows in records.items():
-        assert all(r["answer"] in r["context"] for r in rows), rung  # answerable from the context alone
+        if rung == "fewshot":  # the demonstrations show the task; the query's answer is not among them
+            continue
+        assert all(r["answer"] in r["context"] for r in rows if "\nOutput:" not in r["prompt"]), rung
         others = set().union(*(set(entities[s]["name_words"]) for s in make_world.SPLITS if s != split))
         assert not words_in(r["context"] + " " + r["prompt"] for r in rows) & others, (rung, split)
     fact = records["fact", "train"]
@@ -263,6 +265,20 @@ def test_ladder_rungs():
     # a quarter of a rung's records replay the rungs below it
     replayed = sum(len(r["context"].split()) < 60 for r in records["streams", "train"]) / 120
     assert 0.1 < replayed < 0.4
+    validation = ladder.world.splits["validation"]
+    examples = [{t.example(e) for e in getattr(validation, t.pool)} for t in make_world.build_tasks(ladder.world, 0)[0]]
+    fewshot = [r for r in records["fewshot", "validation"] if r["prompt"].endswith("\nOutput:")]
+    assert len(fewshot) > 80
+    for r in fewshot:  # demonstrations and query of one train task, on validation entities
+        pairs = {tuple(d.removeprefix("Input: ").split("\nOutput: ")) for d in r["context"].split("\n\n")}
+        pairs.add((r["prompt"].removeprefix("Input: ").removesuffix("\nOutput:"), r["answer"]))
+        assert len(pairs) >= 5 and any(pairs <= task for task in examples)
+    train_users = {json.dumps(u["previous_dialogs"]) for u in map(json.loads, gzip.open(
+        WORLD / "msc_self_instruct_train.jsonl.gz", "rt", encoding="utf-8"))}
+    dialogue = [r for r in records["dialogue", "train"] if r["context"].startswith("Speaker ")]
+    assert len(dialogue) > 70 and all(r["prompt"].endswith("?") for r in dialogue)
+    assert all(any(r["context"].split("\n")[0].removeprefix("Speaker 1: ").removeprefix("Speaker 2: ") in u
+                   for u in train_users) for r in dialogue[:10])  # the train file's users
     with pytest.raises(ValueError, match="ladder rung 'essays': expected one of"):
         ladder.record("essays", "train", "0")
 
