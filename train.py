@@ -33,7 +33,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -46,10 +46,9 @@ import cli
 from data.fresh_worlds import MIX, READING_MIX, FreshWorlds
 from data.make_world import Ladder
 from data.readers import Instruction, iter_texts, read_instructions
-from generator import (TASKS, AdapterGenerator, GeneratorConfig, check_generator_fields, pretraining_layout,
-                       split_windows)
+from generator import TASKS, AdapterGenerator, GeneratorConfig, pretraining_layout, split_windows
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, atomic_write, chat_example, check_at_least,
-                   check_types, context_ids, generate, load, query_prompt, user_turn)
+                   check_types, context_ids, generate, load, query_prompt, setting, user_turn)
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "data" / "tiny"
@@ -61,47 +60,55 @@ WORLD = ROOT / "data" / "world"
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain | sft | base
-    base: str = str(TINY)  # base checkpoint directory (any layout model.py loads)
-    data: list[str] = field(default_factory=list)  # training files / directories
-    val_data: list[str] = field(default_factory=list)  # validation files / directories
-    out: str = "runs/pretrain"  # run directory: checkpoint/ and log.jsonl
-    init: str = ""  # sft: the pretrained generator to start from
-    curriculum: list[str] = field(default_factory=list)  # sft: "rung:steps" phases (Ladder); else --data
-    resume: bool = False  # continue the run in --out exactly where it stopped
-    overwrite: bool = False  # start afresh in an --out holding an earlier run, deleting it
-    # the generator (paper §3; GeneratorConfig)
-    target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
-    d_r: int = 1024
-    r: int = 1024
-    k: int = 128
-    alpha: float = 64.0
-    window: int = 1024
-    windows: int = 8  # C: context windows per pretraining text
-    norm: str = "svd"
-    svd: str = "randomized"
-    svd_niter: int = 1
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the self-supervised tasks (paper §3)
+    """Every setting of a run, each a flag of the same name (the generator's nested in
+    GeneratorConfig); the defaults are the authors' released configuration for a full-size base."""
+    stage: str = setting("pretrain", "pretrain (self-supervised, paper §3), sft (instruction tuning, paper §4) "
+                                     "or base (the tiny default base)")
+    base: str = setting(str(TINY), "base model directory: Hugging Face (config.json + safetensors) or "
+                                   "Mistral consolidated", path=True)
+    data: list[str] = setting([], "training jsonl / jsonl.gz files or directories (pretrain: records with "
+                                  "'text'; sft: records with 'context', 'prompt', 'answer'; the base stage "
+                                  "draws fresh worlds instead)", path=True)
+    val_data: list[str] = setting([], "validation files, same format as --data", path=True)
+    out: str = setting("runs/pretrain", "run directory; checkpoint/ and log.jsonl go there", path=True)
+    init: str = setting("", "sft: directory of the pretrained generator to start from (not read by --resume)",
+                        path=True)
+    curriculum: list[str] = setting([], "sft: phases RUNG:STEPS, comma separated, climbed in order: each trains "
+                                        "on records of one rung of data/make_world.py's Ladder (fact, people, "
+                                        "documents, streams) about the bundled world's train people, validates "
+                                        "on its validation people, and restarts the learning-rate schedule; the "
+                                        "steps add up to --steps. Giving --data without --curriculum trains on "
+                                        "--data instead")
+    resume: bool = setting(False, "continue the run in --out from its checkpoint, bit for bit")
+    overwrite: bool = setting(False, "start afresh in an --out that holds an earlier run (its checkpoint or "
+                                     "logs), deleting its checkpoint/, log.jsonl and validation.jsonl; without "
+                                     "--resume or --overwrite such an --out is refused")
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # flags --k, --d_r, ...
+    windows: int = setting(8, "context windows C per pretraining text")
+    tasks: list[str] = setting(list(TASKS), "self-supervised tasks, comma separated: completion,reconstruction "
+                                            "(either alone for the paper's ablation)")
     # optimisation
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: int = 100
-    steps: int = 15000  # ~1B tokens at 8 x 8192 per step, the released budget
-    epochs: int = 0  # sft: passes over the records (sets steps when > 0)
-    batch_size: int = 8  # global batch, in sequences (pretrain) or records (sft)
-    micro_batch: int = 1  # sequences per device per forward
-    grad_clip: float = 1.0
-    seed: int = 0
+    lr: float = setting(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on norms)")
+    warmup: int = setting(100, "linear warm-up steps, then cosine decay to lr / 10")
+    steps: int = setting(15000, "optimiser steps")  # ~1B tokens at 8 x 8192 per step, the released budget
+    epochs: int = setting(0, "sft: passes over the records, instead of --steps (0: use --steps)")
+    batch_size: int = setting(8, "global batch in sequences (pretrain, base) or records (sft)")
+    micro_batch: int = setting(1, "sequences per device per forward (batch_size / (micro_batch x GPUs) "
+                                  "gradient-accumulation steps)")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this")
+    seed: int = setting(0, "random seed")
     # bookkeeping
-    eval_interval: int = 500
-    eval_batches: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 1000
-    device: str = ""  # default: cuda when available
+    eval_interval: int = setting(500, "validate every N steps")
+    eval_batches: int = setting(20, "validation micro-batches")
+    log_interval: int = setting(10, "append to log.jsonl every N steps")
+    ckpt_interval: int = setting(1000, "checkpoint every N steps")
+    device: str = setting("", cli.DEVICE_HELP)
 
     def __post_init__(self):
         """Checks every value, naming its flag: a run configured in code is checked like one
-        from the command line, before anything is loaded."""
+        from the command line, before anything is loaded (the generator's settings are checked
+        by GeneratorConfig)."""
         check_types(self, "--")
         if self.stage not in TINY_PRESETS:
             raise ValueError(f"--stage {self.stage}: expected one of {list(TINY_PRESETS)}")
@@ -114,7 +121,6 @@ class TrainConfig:
             raise ValueError(f"--batch_size {self.batch_size} is not a multiple of --micro_batch {self.micro_batch}")
         if not self.tasks or not set(self.tasks) <= set(TASKS) or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"--tasks {','.join(self.tasks)}: expected completion and/or reconstruction")
-        check_generator_fields(self, "--")  # the generator's settings, under GeneratorConfig's names
         if not self.out:
             raise ValueError("--out is empty: expected the run directory")
         if self.resume and self.overwrite:
@@ -155,48 +161,9 @@ TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32,
                       vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
                       tie_embeddings=True, model_type="mistral", dtype="float32")
 
-HELP = {
-    "stage": "pretrain (self-supervised, paper §3), sft (instruction tuning, paper §4) or base "
-             "(the tiny default base)",
-    "base": "base model directory: Hugging Face (config.json + safetensors) or Mistral consolidated",
-    "data": "training jsonl / jsonl.gz files or directories (pretrain: records with 'text'; "
-            "sft: records with 'context', 'prompt', 'answer'; the base stage draws fresh worlds instead)",
-    "val_data": "validation files, same format as --data",
-    "out": "run directory; checkpoint/ and log.jsonl go there",
-    "init": "sft: directory of the pretrained generator to start from (not read by --resume)",
-    "curriculum": "sft: phases RUNG:STEPS, comma separated, climbed in order: each trains on records "
-                  "of one rung of data/make_world.py's Ladder (fact, people, documents, streams) about "
-                  "the bundled world's train people, validates on its validation people, and restarts "
-                  "the learning-rate schedule; the steps add up to --steps. Giving --data without "
-                  "--curriculum trains on --data instead",
-    "resume": "continue the run in --out from its checkpoint, bit for bit",
-    "overwrite": "start afresh in an --out that holds an earlier run (its checkpoint or logs), "
-                 "deleting its checkpoint/, log.jsonl and validation.jsonl; without --resume or "
-                 "--overwrite such an --out is refused",
-    "target_modules": "linear modules that receive an adapter (q_proj ... down_proj)",
-    "d_r": "generator width d_r (A1, A2 output)", "r": "generator width r (A3 output, B input)",
-    "k": "SVD rank of the adapter", "alpha": "adapter scale s = alpha / r",
-    "window": "tokens per context window w", "windows": "context windows C per pretraining text",
-    "norm": "svd (N(S) = U_k V_k^T, paper §3) or frobenius (S / ||S||_F, the paper's ablation)",
-    "svd": "randomized (torch.svd_lowrank's algorithm, as released) or exact",
-    "svd_niter": "power iterations of the randomized SVD",
-    "tasks": "self-supervised tasks, comma separated: completion,reconstruction (either alone "
-             "for the paper's ablation)",
-    "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay (not on norms)",
-    "warmup": "linear warm-up steps, then cosine decay to lr / 10",
-    "steps": "optimiser steps", "epochs": "sft: passes over the records, instead of --steps (0: use --steps)",
-    "batch_size": "global batch in sequences (pretrain, base) or records (sft)",
-    "micro_batch": "sequences per device per forward (batch_size / (micro_batch x GPUs) "
-                   "gradient-accumulation steps)",
-    "grad_clip": "clip the gradient norm to this", "seed": "random seed",
-    "eval_interval": "validate every N steps", "eval_batches": "validation micro-batches",
-    "log_interval": "append to log.jsonl every N steps", "ckpt_interval": "checkpoint every N steps",
-    "device": cli.DEVICE_HELP,
-}
-
 
 # Flags a stage has no use for, and why: giving one is an error rather than silently ignored.
-GENERATOR_FLAGS = ("target_modules", "d_r", "r", "k", "alpha", "window", "norm", "svd", "svd_niter")
+GENERATOR_FLAGS = tuple(f.name for f in fields(GeneratorConfig))
 UNUSED_FLAGS = {
     "pretrain": (("init", "epochs", "curriculum"), "it is for --stage sft"),
     "sft": ((*GENERATOR_FLAGS, "windows", "tasks"),
@@ -206,26 +173,22 @@ UNUSED_FLAGS = {
 }
 
 
+def default_note(name: str, default) -> str:
+    """What --help adds to a flag's text: its default, and the tiny presets' values."""
+    tiny = {s: p[name] for s, p in TINY_PRESETS.items() if name in p}
+    tiny = json.loads(json.dumps(tiny).replace(str(ROOT) + "/", ""))  # paths as the README writes them
+    return f" (default: {default}" + (f"; without --base: {tiny}" if tiny else "") + ")"
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """Flags for every TrainConfig field; defaults: released values, or the tiny preset. Every
+    """Flags for every TrainConfig setting; defaults: released values, or the tiny preset. Every
     flag given is used or refused (ValueError naming it)."""
-    defaults = TrainConfig()
+    defaults = cli.flag_values(TrainConfig())
     parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        tiny = {s: p[f.name] for s, p in TINY_PRESETS.items() if f.name in p}
-        tiny = json.loads(json.dumps(tiny).replace(str(ROOT) + "/", ""))  # paths as the README writes them
-        shown = getattr(defaults, f.name)
-        note = f" (default: {shown}" + (f"; without --base: {tiny}" if tiny else "") + ")"
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
-        elif f.name in ("data", "val_data"):
-            parser.add_argument(f"--{f.name}", nargs="+", default=None, help=HELP[f.name] + note)
-        else:
-            kind = f.type if f.type in (int, float) else str
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=HELP[f.name] + note)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
-    stage = given.get("stage", defaults.stage)
+    cli.add_flags(parser, TrainConfig, lambda name: default_note(name, defaults[name]))
+    given = cli.given_flags(parser, TrainConfig, argv)
+    stage = given.get("stage", defaults["stage"])
     unused, why = UNUSED_FLAGS.get(stage, ((), ""))
     for name in unused:
         if name in given:
@@ -235,27 +198,18 @@ def parse_args(argv=None) -> TrainConfig:
     if "steps" in given:
         given["epochs"] = 0  # a given --steps wins over the released sft recipe's epochs
     preset = TINY_PRESETS.get(stage, {}) if "base" not in given else (SFT_RELEASED if stage == "sft" else {})
-    for name in ("target_modules", "tasks", "curriculum"):
-        if name in given:
-            given[name] = given[name].split(",")
     if "data" in given and "curriculum" not in given:
         preset = {k: v for k, v in preset.items() if k != "curriculum"}  # --data replaces the ladder
-    merged = {**asdict(defaults), **preset, **given}
+    merged = {**defaults, **preset, **given}
     if merged["curriculum"]:
         if given.get("epochs"):
             raise ValueError("--epochs: a --curriculum sets the run's length by its phases' steps")
         merged |= {"steps": given.get("steps", curriculum_steps(merged["curriculum"])), "epochs": 0}
-    config = TrainConfig(**merged)
+    config = cli.from_flags(TrainConfig, merged)
     if stage != "base" and "base" in given and not config.data and not config.curriculum:
         raise ValueError("--data (or, for sft, --curriculum) is required with --base "
                          "(the bundled data is for the tiny base)")
     return config
-
-
-def generator_config(config: TrainConfig) -> GeneratorConfig:
-    return GeneratorConfig(target_modules=config.target_modules, d_r=config.d_r, r=config.r,
-                           k=config.k, alpha=config.alpha, window=config.window,
-                           norm=config.norm, svd=config.svd, svd_niter=config.svd_niter)
 
 
 # -----------------------------------------------------------------------------
@@ -417,7 +371,8 @@ class PretrainBatches:
 
     def next(self, n: int) -> Batch:
         c = self.config
-        parts = [pretraining_example(self.stream.next(), c.windows, c.window, self.tasks, self.rng) for _ in range(n)]
+        parts = [pretraining_example(self.stream.next(), c.windows, c.generator.window, self.tasks, self.rng)
+                 for _ in range(n)]
         tokens, mask, targets = (torch.stack(p) for p in zip(*parts))
         return Batch(tokens, mask, targets, self.visible, self.task[:, None])
 
@@ -828,7 +783,7 @@ def recorded_config(config: dict, start: Path) -> dict:
 def check_resumed_config(saved: dict, config: TrainConfig) -> None:
     """A resumed run must keep its hyperparameters; changing the step budget only warns. The
     checkpoint's paths are portable (relative to the repository); the current ones are made so."""
-    saved, current = recorded_config(saved, ROOT), recorded_config(asdict(config), Path.cwd())
+    saved, current = recorded_config(saved, ROOT), recorded_config(cli.flag_values(config), Path.cwd())
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
         raise ValueError("--resume with different hyperparameters: " + ", ".join(
@@ -894,12 +849,13 @@ def build(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     base.checkpointing = device.type == "cuda"  # recompute the base's layers in backward
     torch.manual_seed(config.seed)  # the generator's initialisation and the randomised SVDs' draws
     if config.stage == "pretrain":
-        generator = AdapterGenerator(base.args, generator_config(config)).to(device)
-        length = config.windows * config.window
-        train = PretrainBatches(TextStream(config.data, tokenizer, length, config.window, rank, world),
+        generator = AdapterGenerator(base.args, config.generator).to(device)
+        w = config.generator.window
+        length = config.windows * w
+        train = PretrainBatches(TextStream(config.data, tokenizer, length, w, rank, world),
                                 config, config.seed + rank)
         # validation measures both tasks whatever --tasks trains (the paper's Table 2 ablation)
-        val = lambda phase: PretrainBatches(TextStream(config.val_data, tokenizer, length, config.window),
+        val = lambda phase: PretrainBatches(TextStream(config.val_data, tokenizer, length, w),
                                             config, 12345, TASKS)
     else:  # resuming, the checkpoint's generator (its weights are restored again by resume())
         start = find_checkpoint(Path(config.out)) if config.resume else config.init
@@ -1088,7 +1044,7 @@ def write_checkpoint(out: Path, config: TrainConfig, run: Run, optimizer, step: 
         ranks = [mine]
     if rank == 0:
         state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks,
-                 "config": recorded_config(asdict(config), Path.cwd())}
+                 "config": recorded_config(cli.flag_values(config), Path.cwd())}
         save_checkpoint(out, run.save_weights, state)
     if world > 1:
         dist.barrier()
@@ -1150,7 +1106,7 @@ def finish(out: Path, config: TrainConfig, run: Run, last_log: dict | None, seco
         print(f"the base is in {out}/ (config.json, model.safetensors, tokenizer.model)")
         return
     if config.stage == "pretrain" and run.train.stream.skipped:
-        print(f"{run.train.stream.skipped} documents shorter than a window ({config.window} tokens) were skipped")
+        print(f"{run.train.stream.skipped} documents shorter than a window ({config.generator.window} tokens) were skipped")
     print(f"generator checkpoint: {checkpoint}/ (generator.safetensors, generator.json)")
     if config.stage == "pretrain":
         print(f"next: python train.py --stage sft --init {checkpoint}   (instruction tuning), or")

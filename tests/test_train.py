@@ -100,8 +100,8 @@ def test_ablation_switches():
     assert torch.equal(reconstruction[0], both[0]) and torch.equal(reconstruction[2][3:], both[2][3:])
     assert (reconstruction[2][:3] == -100).all()  # completion windows give context, no loss
     config = train.parse_args(["--norm", "frobenius"])
-    assert train.generator_config(config).norm == "frobenius"
-    assert train.generator_config(train.parse_args([])).norm == "svd"
+    assert config.generator.norm == "frobenius"
+    assert train.parse_args([]).generator.norm == "svd"
 
 
 def test_base_stage_data_resumes_from_a_counter():
@@ -349,7 +349,7 @@ if world > 1:
 config = train.parse_args({argv!r})
 base = Transformer.from_pretrained({base!r})
 torch.manual_seed(0)
-gen = AdapterGenerator(base.args, train.generator_config(config))
+gen = AdapterGenerator(base.args, config.generator)
 with torch.no_grad():
     for g in gen.mods.values():
         g.B.normal_(0, 0.3)
@@ -464,7 +464,7 @@ def test_flag_errors(argv, message):
 
 def test_flags_given_as_zero_are_honoured():
     config = train.parse_args(["--weight_decay", "0", "--warmup", "0", "--lr", "0", "--svd_niter", "0", "--seed", "0"])
-    assert (config.weight_decay, config.warmup, config.lr, config.svd_niter, config.seed) == (0, 0, 0, 0, 0)
+    assert (config.weight_decay, config.warmup, config.lr, config.generator.svd_niter, config.seed) == (0, 0, 0, 0, 0)
     released = ["--stage", "sft", "--base", "b", "--data", "d.jsonl", "--init", "g"]  # SFT_RELEASED: 2 epochs
     assert train.parse_args(released).epochs == 2
     assert train.parse_args(released + ["--epochs", "0"]).epochs == 0
