@@ -310,8 +310,9 @@ class CurriculumBatches:
     def _enter(self, phase: int) -> None:
         steps = curriculum_phases(self.config.curriculum)[phase][1]
         examples = self.examples(phase, "train", steps * self.config.batch_size)
-        self.phase, self.batches = phase, RecordBatches(examples, self.config.seed, sft_batch, self.rank,
-                                                        self.world, sft_size, self.config.micro_batch)
+        self.phase, self.batches = phase, RecordBatches(examples, self.config.seed, sft_batch, rank=self.rank,
+                                                        world=self.world, size=sft_size,
+                                                        micro_batch=self.config.micro_batch)
 
     def next(self, n: int) -> Batch:
         phase = phase_at(self.drawn // self.accum, self.config)[0]
@@ -346,7 +347,7 @@ def build(config: TrainConfig, proc: Process) -> Run:
         generator = AdapterGenerator(base.args, config.generator).to(device)
         w = config.generator.window
         length = config.windows * w
-        train_batches = PretrainBatches(TextStream(config.data, tokenizer, length, w, proc.rank, proc.world),
+        train_batches = PretrainBatches(TextStream(config.data, tokenizer, length, w, rank=proc.rank, world=proc.world),
                                         config, config.seed + proc.rank)
         # validation measures both tasks whatever --tasks trains (the paper's Table 2 ablation)
         val = lambda phase: PretrainBatches(TextStream(config.val_data, tokenizer, length, w),
@@ -364,8 +365,8 @@ def build(config: TrainConfig, proc: Process) -> Run:
             examples, skipped = load_sft_examples(config.data, tokenizer, w)
             if skipped and proc.rank == 0:
                 print(f"sft: skipped {skipped} records whose prompt and answer exceed one window")
-            train_batches = RecordBatches(examples, config.seed, sft_batch, proc.rank, proc.world, sft_size,
-                                          config.micro_batch)
+            train_batches = RecordBatches(examples, config.seed, sft_batch, rank=proc.rank, world=proc.world,
+                                          size=sft_size, micro_batch=config.micro_batch)
             val = lambda phase: RecordBatches(load_sft_examples(config.val_data, tokenizer, w)[0], 0, sft_batch)
     tasks = TASKS if config.stage == "pretrain" else ("answer",)
 

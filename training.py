@@ -148,7 +148,7 @@ class TextStream:
     is a small state (records read, leftover tokens) that a checkpoint stores.
     """
 
-    def __init__(self, paths, tokenizer: Tokenizer, length: int, min_tokens: int, rank=0, world=1):
+    def __init__(self, paths, tokenizer: Tokenizer, length: int, min_tokens: int, *, rank=0, world=1):
         self.paths, self.tokenizer, self.length, self.min_tokens = paths, tokenizer, length, min_tokens
         self.rank, self.world = rank, world
         self.position, self.epoch, self.skipped, self.buffer = 0, 0, 0, []
@@ -196,7 +196,7 @@ class RecordBatches:
     bundled SFT examples span 1 to 12 context windows; in micro-batches of 16 this cuts the
     padded share of tokens from 62% to 17%). Without `collate`, examples are taken one by one."""
 
-    def __init__(self, examples: list, seed: int, collate: Callable[[list], Batch] | None, rank=0, world=1,
+    def __init__(self, examples: list, seed: int, collate: Callable[[list], Batch] | None, *, rank=0, world=1,
                  size: Callable | None = None, micro_batch=1):
         if len(examples) < world:
             raise ValueError(f"{len(examples)} examples cannot be shared among {world} processes")
@@ -454,11 +454,11 @@ def portable(path: str, start: Path) -> str:
 
 
 def recorded_config(values: dict, config: type, start: Path) -> dict:
-    """Settings by flag name (cli.flag_values) of a config of class `config`, with its paths made
-    portable, read from `start`."""
+    """What a checkpoint records of a config of class `config`: its settings by flag name
+    (cli.flag_values), the paths among them made portable (relative ones read from `start`)."""
     paths = {f.name for f in cli.settings(config) if f.metadata["path"]}
-    return {k: ([portable(p, start) for p in v] if isinstance(v, list) else portable(v, start)) if k in paths else v
-            for k, v in values.items()}
+    made_portable = lambda v: [portable(p, start) for p in v] if isinstance(v, list) else portable(v, start)
+    return {k: made_portable(v) if k in paths else v for k, v in values.items()}
 
 
 def check_resumed_config(saved: dict, config: LoopConfig) -> None:
