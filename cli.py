@@ -1,6 +1,6 @@
-"""What the command-line scripts (train.py, evaluate.py, bench.py) share: errors reported in one
-line, the --device flag with the dtype and autocast that go with the device, peak memory, and
-result files in strict JSON.
+"""What the command-line scripts (train.py, evaluate.py, bench.py, data/make_base.py) share: errors
+reported in one line, flags made from config dataclasses, the --device flag with the dtype and
+autocast that go with the device, peak memory, and result files in strict JSON.
 
 Bad input (a flag, a data file, a checkpoint) raises ValueError or OSError with a message that
 names the flag, file or field and what was expected. `run` reports it as argparse reports its own
@@ -9,12 +9,16 @@ environment the exception propagates with its full traceback instead. Any other 
 bug, and keeps its traceback.
 """
 
+import argparse
 import contextlib
 import json
 import math
 import os
 import re
 import sys
+import typing
+from dataclasses import Field, fields, is_dataclass
+from typing import Callable
 
 import torch
 
@@ -34,6 +38,69 @@ def run(main, prog: str, argv: list[str] | None = None):
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# -----------------------------------------------------------------------------
+# Flags made from config dataclasses (each field a model.setting, its help text in its metadata)
+
+
+def settings(config: type) -> list[Field]:
+    """The settings of a config dataclass, one flag each: the fields it declares, then those it
+    inherits; a nested config (a field whose type is a dataclass) stands for its own settings."""
+    inherited = {f.name for base in config.__mro__[1:] if is_dataclass(base) for f in fields(base)}
+    ordered = sorted(fields(config), key=lambda f: f.name in inherited)  # stable: declaration order
+    return [s for f in ordered for s in (settings(f.type) if is_dataclass(f.type) else [f])]
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type, note: Callable[[str], str]) -> None:
+    """A flag --NAME for every setting of a config dataclass, with its help text and, but for a
+    switch, note(NAME). Flags not given parse to None (or False), so that given_flags tells them
+    apart."""
+    for f in settings(config):
+        text = f.metadata["help"] + note(f.name)
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        elif f.metadata["path"] and typing.get_origin(f.type) is list:
+            parser.add_argument(f"--{f.name}", nargs="+", default=None, help=text)
+        else:
+            kind = f.type if f.type in (int, float) else str
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=text)
+
+
+def given_flags(parser: argparse.ArgumentParser, config: type, argv: list[str] | None) -> dict:
+    """The flags given on the command line, by name, as their settings' values (comma-separated
+    lists split)."""
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
+    lists = {f.name for f in settings(config) if typing.get_origin(f.type) is list and not f.metadata["path"]}
+    return {k: v.split(",") if k in lists else v for k, v in given.items()}
+
+
+def from_flags(config: type, values: dict):
+    """A config dataclass made from settings by flag name (missing ones keep their defaults); its
+    checks run as it is made, and a nested config's errors name its settings as flags too."""
+    kwargs = {}
+    for f in fields(config):
+        if is_dataclass(f.type):
+            try:
+                kwargs[f.name] = from_flags(f.type, values)
+            except ValueError as err:  # "GeneratorConfig.k = 200 ..." -> "--k = 200 ..."
+                raise ValueError(str(err).replace(f"{f.type.__name__}.", "--")) from None
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return config(**kwargs)
+
+
+def flag_values(config) -> dict:
+    """A config's settings by flag name, a nested config's included: from_flags made backwards."""
+    values = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        values |= flag_values(value) if is_dataclass(f.type) else {f.name: value}
+    return values
+
+
+# -----------------------------------------------------------------------------
+# The device
 
 
 def pick_device(name: str | None) -> torch.device:

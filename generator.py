@@ -18,7 +18,7 @@ layout, persistence, costs and export.
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 
 from model import (LINEAR_MODULES, ModelArgs, Tokenizer, Transformer, atomic_write, check_at_least,
                    check_token_ids, check_types, config_field, forward_flops, module_path, module_widths, read_json,
-                   read_safetensors)
+                   read_safetensors, setting)
 
 NORM_EPS = 1e-6  # epsilon of the generator's RMSNorm over hidden states
 # The released code's gradient guard drops a window's adapter when two top singular values are
@@ -45,46 +45,43 @@ INFERENCE_SEED = 0  # randomised SVD outside training draws a fixed Gaussian: ad
 
 @dataclass
 class GeneratorConfig:
-    target_modules: list[str] = field(default_factory=lambda: ["o_proj"])
-    d_r: int = 1024  # width of A1(x) and of the keys A2(H)
-    r: int = 1024  # width of the values A3(H), input of B
-    k: int = 128  # SVD rank: the adapter's rank
-    alpha: float = 64.0  # s = alpha / r
-    window: int = 1024  # context tokens per window w: the context streams in chunks (paper §3)
-    norm: str = "svd"  # "svd": N(S) = U_k V_k^T; "frobenius": S / ||S||_F (the paper's ablation)
-    svd: str = "randomized"  # "randomized" (torch.svd_lowrank's algorithm, as released) or "exact"
-    svd_niter: int = 1  # power iterations of the randomised SVD
+    """The generator's settings (paper §3), each also a flag of train.py under its own name."""
+    target_modules: list[str] = setting(["o_proj"], "linear modules that receive an adapter (q_proj ... down_proj)")
+    d_r: int = setting(1024, "generator width d_r (A1, A2 output)")
+    r: int = setting(1024, "generator width r (A3 output, B input)")
+    k: int = setting(128, "SVD rank of the adapter")
+    alpha: float = setting(64.0, "adapter scale s = alpha / r")
+    window: int = setting(1024, "tokens per context window w: the context streams in windows (paper §3)")
+    norm: str = setting("svd", "svd (N(S) = U_k V_k^T, paper §3) or frobenius (S / ||S||_F, the paper's ablation)")
+    svd: str = setting("randomized", "randomized (torch.svd_lowrank's algorithm, as released) or exact")
+    svd_niter: int = setting(1, "power iterations of the randomized SVD")
 
     def __post_init__(self):
-        check_types(self, "GeneratorConfig.")
-        check_generator_fields(self, "GeneratorConfig.")
+        """Raises ValueError naming (GeneratorConfig.field) the first setting that cannot work."""
+        prefix = "GeneratorConfig."
+        check_types(self, prefix)
+        for m in self.target_modules:
+            if m not in LINEAR_MODULES:
+                raise ValueError(f"{prefix}target_modules: unknown module '{m}'; "
+                                 f"expected names among {list(LINEAR_MODULES)}")
+        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"{prefix}target_modules: {self.target_modules} must be "
+                             "a non-empty list without repeats")
+        check_at_least(self, 1, ("d_r", "r", "k", "window"), prefix)
+        check_at_least(self, 0, ("svd_niter",), prefix)
+        if self.k > min(self.d_r, self.r):
+            raise ValueError(f"{prefix}k = {self.k} is larger than min(d_r, r) = "
+                             f"{min(self.d_r, self.r)}: N(S) has at most that rank")
+        if self.alpha <= 0:
+            raise ValueError(f"{prefix}alpha: expected a positive scale, got {self.alpha}")
+        if self.norm not in ("svd", "frobenius"):
+            raise ValueError(f"{prefix}norm = '{self.norm}': expected 'svd' or 'frobenius'")
+        if self.svd not in ("exact", "randomized"):
+            raise ValueError(f"{prefix}svd = '{self.svd}': expected 'exact' or 'randomized'")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
-
-
-def check_generator_fields(config, prefix: str) -> None:
-    """Raises ValueError naming (prefix + field) the first generator setting that cannot work.
-    `config` is a GeneratorConfig, or an object with the same fields (train.py's TrainConfig)."""
-    for m in config.target_modules:
-        if m not in LINEAR_MODULES:
-            raise ValueError(f"{prefix}target_modules: unknown module '{m}'; "
-                             f"expected names among {list(LINEAR_MODULES)}")
-    if not config.target_modules or len(set(config.target_modules)) != len(config.target_modules):
-        raise ValueError(f"{prefix}target_modules: {config.target_modules} must be "
-                         "a non-empty list without repeats")
-    check_at_least(config, 1, ("d_r", "r", "k", "window"), prefix)
-    check_at_least(config, 0, ("svd_niter",), prefix)
-    if config.k > min(config.d_r, config.r):
-        raise ValueError(f"{prefix}k = {config.k} is larger than min(d_r, r) = "
-                         f"{min(config.d_r, config.r)}: N(S) has at most that rank")
-    if config.alpha <= 0:
-        raise ValueError(f"{prefix}alpha: expected a positive scale, got {config.alpha}")
-    if config.norm not in ("svd", "frobenius"):
-        raise ValueError(f"{prefix}norm = '{config.norm}': expected 'svd' or 'frobenius'")
-    if config.svd not in ("exact", "randomized"):
-        raise ValueError(f"{prefix}svd = '{config.svd}': expected 'exact' or 'randomized'")
 
 
 def base_identity(args: ModelArgs) -> dict:

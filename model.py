@@ -20,7 +20,7 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -98,6 +98,16 @@ def check_types(config, prefix: str) -> None:
             raise ValueError(f"{prefix}{f.name}: expected {name}, got {value!r}")
 
 
+def setting(default, help: str, path: bool = False):
+    """A config dataclass field that is also a command-line flag (cli.add_flags): its default and
+    its --help text in one place. `path`: a file or directory, which a checkpoint records relative
+    to the repository; a list of paths is given space separated, any other list comma separated."""
+    metadata = {"help": help, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def check_at_least(config, low, names, prefix: str) -> None:
     """Raises ValueError naming (prefix + name) the first attribute among `names` whose value,
     or one of whose values for a list, is below `low` (None passes)."""
@@ -155,15 +165,15 @@ class ModelArgs:
             raise ValueError(f"{source}: model_type '{model_type}' is not supported "
                              "(expected 'llama' or 'mistral')")
         if "rope_parameters" in cfg:  # transformers 5.x
-            rope, field = get("rope_parameters", dict, {}), "rope_parameters.rope_type"
+            rope, rope_key = get("rope_parameters", dict, {}), "rope_parameters.rope_type"
             theta = config_field(rope, "rope_theta", source, float, 10000.0)
             rope_type = rope.get("rope_type", "default")
         else:  # transformers 4.x
-            rope, field = get("rope_scaling", dict, {}), "rope_scaling.rope_type"
+            rope, rope_key = get("rope_scaling", dict, {}), "rope_scaling.rope_type"
             theta = get("rope_theta", float, 10000.0)
             rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"{source}: {field} '{rope_type}' is not implemented "
+            raise ValueError(f"{source}: {rope_key} '{rope_type}' is not implemented "
                              "(only plain RoPE, 'default', is)")
         dim, n_heads = get("hidden_size", int), get("num_attention_heads", int)
         dtype = get("torch_dtype", str, None) or get("dtype", str, "float32")

@@ -1,12 +1,16 @@
-"""cli.py: what the command-line scripts share (one-line errors, --device, peak memory, strict JSON)."""
+"""cli.py: what the command-line scripts share (one-line errors, flags from config dataclasses,
+--device, peak memory, strict JSON)."""
 
+import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
 import cli
+from model import setting
 
 
 def fails(exception):
@@ -30,6 +34,43 @@ def test_traceback_on_request_and_for_bugs(monkeypatch):
     monkeypatch.setenv(cli.TRACEBACK, "1")
     with pytest.raises(ValueError, match="expected at least 1"):
         cli.run(fails(ValueError("--steps: expected at least 1, got 0")), "train.py")
+
+
+@dataclass
+class Inner:
+    k: int = setting(4, "rank")
+
+    def __post_init__(self):
+        if self.k > 8:
+            raise ValueError(f"Inner.k = {self.k} is larger than 8")
+
+
+@dataclass
+class Outer:
+    files: list[str] = setting([], "files", path=True)
+    names: list[str] = setting(["a"], "names")
+    inner: Inner = field(default_factory=Inner)
+    quick: bool = setting(False, "a switch")
+
+
+@dataclass
+class Derived(Outer):
+    rate: float = setting(0.5, "a rate")
+
+
+def test_flags_from_config_dataclasses():
+    parser = argparse.ArgumentParser()
+    cli.add_flags(parser, Derived, lambda name: f" (default {name})")
+    assert [f.name for f in cli.settings(Derived)] == ["rate", "files", "names", "k", "quick"]  # own first
+    given = cli.given_flags(parser, Derived, ["--files", "x.jsonl", "y.jsonl", "--names", "b,c", "--k", "8"])
+    assert given == {"files": ["x.jsonl", "y.jsonl"], "names": ["b", "c"], "k": 8}
+    config = cli.from_flags(Derived, given)
+    assert config == Derived(files=["x.jsonl", "y.jsonl"], names=["b", "c"], inner=Inner(k=8))
+    assert cli.flag_values(config) == {"files": ["x.jsonl", "y.jsonl"], "names": ["b", "c"], "k": 8,
+                                       "quick": False, "rate": 0.5}
+    assert Outer().names is not Outer().names  # a list default is a fresh list per config
+    with pytest.raises(ValueError, match=r"^--k = 9 is larger than 8$"):  # a nested config's error names the flag
+        cli.from_flags(Derived, {"k": 9})
 
 
 def test_device_flag():

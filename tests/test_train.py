@@ -1,7 +1,7 @@
-"""train.py: task layout, losses, resumption, checkpoints, DDP, bad input."""
+"""train.py and the loop it shares with data/make_base.py (training.py): task layout, losses,
+resumption, checkpoints, DDP, bad input."""
 
 import json
-import math
 import re
 import os
 import shutil
@@ -14,6 +14,7 @@ import torch
 
 import cli
 import train
+import training
 from conftest import random_model, tiny_args
 from data.readers import Instruction
 from generator import TASKS, AdapterGenerator, pretraining_layout
@@ -100,46 +101,12 @@ def test_ablation_switches():
     assert torch.equal(reconstruction[0], both[0]) and torch.equal(reconstruction[2][3:], both[2][3:])
     assert (reconstruction[2][:3] == -100).all()  # completion windows give context, no loss
     config = train.parse_args(["--norm", "frobenius"])
-    assert train.generator_config(config).norm == "frobenius"
-    assert train.generator_config(train.parse_args([])).norm == "svd"
-
-
-def test_base_stage_data_resumes_from_a_counter():
-    tok = Tokenizer(TOKENIZER, template="mistral")
-    source = train.FreshSource(tok, 128, seed=0)
-    first = source.next()
-    assert len(first) == 128 and first[0] == tok.bos_id
-    state = source.state_dict()
-    examples = [source.example() for _ in range(3)]
-    again = train.FreshSource(tok, 128, seed=0)
-    again.load_state_dict(state)
-    assert [again.example() for _ in range(3)] == examples
-    assert all(len(ids) <= 128 and any(t != -100 for t in targets) for ids, targets in examples)
-    batch = train.BaseBatches(source, source, 128).next(8)
-    assert batch.tokens.shape == (8, 1, 128)
-    assert (batch.task[0] == 0).all()  # a text window
-    packed = batch.tokens[1, 0][batch.mask[1, 0]].tolist()
-    assert packed.count(tok.bos_id) >= 1 and packed[0] == tok.bos_id  # whole examples, one after another
-    answers = batch.targets[1, 0][batch.task[1, 0] == 1].tolist()
-    eos_positions = [i for i, t in enumerate(packed) if t == tok.eos_id]
-    assert answers.count(tok.eos_id) == len(eos_positions)  # each example's answer ends with its EOS
-    assert torch.equal(batch.targets[1, 0, :len(packed) - 1], torch.tensor(packed[1:]))
+    assert config.generator.norm == "frobenius"
+    assert train.parse_args([]).generator.norm == "svd"
 
 
 # -----------------------------------------------------------------------------
 # Instruction tuning: loss on the answer only (paper §4)
-
-
-def test_tiny_base_init():
-    # unit-norm tied embeddings (what let the tiny base copy cities and occupations); 0.02 elsewhere,
-    # residual outputs scaled by 1 / sqrt(2 L)
-    torch.manual_seed(0)
-    model = train.init_tiny_base(train.TINY_BASE).requires_grad_(False)
-    assert model.lm_head.weight is model.embed_tokens.weight
-    assert abs(float(model.embed_tokens.weight.norm(dim=-1).mean()) - 1.0) < 0.02
-    layer = model.layers[0]
-    assert abs(float(layer.self_attn.q_proj.weight.std()) - 0.02) < 0.002
-    assert abs(float(layer.self_attn.o_proj.weight.std()) - 0.02 / math.sqrt(2 * train.TINY_BASE.n_layers)) < 0.0005
 
 
 def test_sft_targets_cover_only_the_answer():
@@ -169,23 +136,23 @@ def test_sft_batches_bucket_by_size_and_resume():
     examples = [([[7] * (i % 6 + 1)] * (i % 5 + 1), [1, 2], [-100, 3]) for i in range(96)]
     cells = {}
     for size in (None, train.sft_size):
-        source = train.RecordBatches(examples, 3, train.sft_batch, size=size, micro_batch=4)
+        source = training.RecordBatches(examples, 3, train.sft_batch, size=size, micro_batch=4)
         epoch = [source.take(4) for _ in range(24)]
         assert sorted(id(e) for batch in epoch for e in batch) == sorted(map(id, examples))
         cells[size] = sum(train.sft_batch(batch).mask.numel() for batch in epoch)
     assert cells[train.sft_size] < 0.7 * cells[None]
     source.take(10)
-    resumed = train.RecordBatches(examples, 3, train.sft_batch, size=train.sft_size, micro_batch=4)
+    resumed = training.RecordBatches(examples, 3, train.sft_batch, size=train.sft_size, micro_batch=4)
     resumed.load_state_dict(source.state_dict())
     assert resumed.take(30) == source.take(30)
     with pytest.raises(ValueError, match="0 examples cannot be shared among 1 processes"):
-        train.RecordBatches([], 0, train.sft_batch)  # rather than loop forever looking for one
+        training.RecordBatches([], 0, train.sft_batch)  # rather than loop forever looking for one
 
 
 def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=lambda: True) -> None:
     """Runs train.main(argv), killed (KeyboardInterrupt) once step `at_step` is logged, checks
     `check()`, then resumes it with --resume."""
-    real_log = train.log_step
+    real_log = training.log_step
 
     def interrupt(out, step, *a, **kw):
         record = real_log(out, step, *a, **kw)
@@ -193,11 +160,11 @@ def interrupted_then_resumed(argv: list[str], at_step: int, monkeypatch, check=l
             raise KeyboardInterrupt
         return record
 
-    monkeypatch.setattr(train, "log_step", interrupt)
+    monkeypatch.setattr(training, "log_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
     assert check()
-    monkeypatch.setattr(train, "log_step", real_log)
+    monkeypatch.setattr(training, "log_step", real_log)
     train.main(argv + ["--resume"])
 
 
@@ -211,7 +178,7 @@ def test_validation_measures_both_tasks_of_an_ablation(world, tmp_path, task):
 
 def test_validation_reads_successive_batches(world, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(train, "validate", lambda run, batches, *a: seen.append(batches))
+    monkeypatch.setattr(train, "validate", lambda batches, step, **kw: seen.append(batches) or {})
     train.main(args(world, tmp_path, "--steps", "2", "--eval_interval", "1", "--eval_batches", "3"))
     first, second = seen  # drawn once, then reused: every validation sees the same batches
     assert first is second and len(first) == 3
@@ -221,13 +188,13 @@ def test_validation_reads_successive_batches(world, tmp_path, monkeypatch):
 def test_curriculum_phases_and_learning_rate():
     config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,streams:20", "--warmup", "2"])
     assert config.steps == 30 and config.curriculum == ["fact:10", "streams:20"]
-    assert [train.phase_at(s, config) for s in (0, 9, 10, 29, 35)] == [(0, 0, 10), (0, 0, 10), (1, 10, 20),
+    assert [training.phase_at(s, config) for s in (0, 9, 10, 29, 35)] == [(0, 0, 10), (0, 0, 10), (1, 10, 20),
                                                                      (1, 10, 20), (1, 10, 20)]
-    lr = [train.learning_rate(s, config) for s in range(30)]
+    lr = [training.learning_rate(s, config) for s in range(30)]
     assert lr[10:12] == lr[0:2] and lr[1] == config.lr  # warm-up again at the new phase
     assert lr[9] < 0.2 * config.lr and lr[29] < 0.2 * config.lr  # cosine decay within each phase
     plain = train.parse_args(["--stage", "sft", "--data", "x.jsonl"])  # --data replaces the preset's ladder
-    assert plain.curriculum == [] and train.phase_at(5, plain) == (0, 0, plain.steps)
+    assert plain.curriculum == [] and training.phase_at(5, plain) == (0, 0, plain.steps)
     assert train.parse_args(["--stage", "sft"]).curriculum == train.TINY_PRESETS["sft"]["curriculum"]
 
 
@@ -236,16 +203,16 @@ def test_learning_rate_schedule():
     curriculum phase starts the schedule afresh."""
     config = train.parse_args(["--stage", "sft", "--curriculum", "fact:10,people:20", "--warmup", "4",
                                "--lr", "1e-3"])
-    lr = [train.learning_rate(s, config) for s in range(30)]
+    lr = [training.learning_rate(s, config) for s in range(30)]
     assert lr[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # (step + 1) / warmup of the peak
     assert lr[4] == pytest.approx(1e-3) and lr[7] == pytest.approx(5.5e-4)  # cosine: peak, half-way
     assert all(a > b for a, b in zip(lr[4:10], lr[5:10]))
     assert lr[10:14] == lr[:4] and lr[14] == pytest.approx(1e-3)  # the second phase warms up again
     assert lr[22] == pytest.approx(5.5e-4)  # half-way through its 16 steps of decay
-    assert train.learning_rate(30, config) == pytest.approx(1e-4)  # lr / 10 where the run ends
+    assert training.learning_rate(30, config) == pytest.approx(1e-4)  # lr / 10 where the run ends
     single = train.parse_args(["--steps", "100", "--warmup", "10", "--lr", "1e-3"])  # no curriculum
-    assert train.learning_rate(55, single) == pytest.approx(5.5e-4)
-    assert train.learning_rate(100, single) == pytest.approx(1e-4)
+    assert training.learning_rate(55, single) == pytest.approx(5.5e-4)
+    assert training.learning_rate(100, single) == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -331,15 +298,15 @@ def test_failed_checkpoint_write_keeps_the_previous(world, tmp_path, monkeypatch
     monkeypatch.setattr(AdapterGenerator, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         train.main(args(world, tmp_path))
-    state = torch.load(train.find_checkpoint(tmp_path) / "trainer.pt", weights_only=True)
+    state = torch.load(training.find_checkpoint(tmp_path) / "trainer.pt", weights_only=True)
     assert state["step"] == 3
-    AdapterGenerator.load(train.find_checkpoint(tmp_path), random_model(tiny_args(vocab_size=4096)).args)
+    AdapterGenerator.load(training.find_checkpoint(tmp_path), random_model(tiny_args(vocab_size=4096)).args)
 
 
 DDP_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import train
+import train, training
 from model import Transformer
 from generator import TASKS, AdapterGenerator, pretraining_layout
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -349,23 +316,23 @@ if world > 1:
 config = train.parse_args({argv!r})
 base = Transformer.from_pretrained({base!r})
 torch.manual_seed(0)
-gen = AdapterGenerator(base.args, train.generator_config(config))
+gen = AdapterGenerator(base.args, config.generator)
 with torch.no_grad():
     for g in gen.mods.values():
         g.B.normal_(0, 0.3)
 batches = torch.load({batches!r}, weights_only=True)
-batches = [train.Batch(*b) for b in batches]
+batches = [training.Batch(*b) for b in batches]
 mine = batches[rank::world]  # the same global batch of 2 sequences
 module = DDP(gen) if world > 1 else gen
 forward = lambda b: module(base, b.tokens, b.mask, b.visible, b.supervised)
-opt = train.make_optimizer(gen, config)
+opt = training.make_optimizer(gen, config)
 params = list(gen.parameters())
-sums, counts, fired, norm = train.train_step(forward, params, mine, opt, 1e-2, config, 2,
-                                         module if world > 1 else None)
+stats = training.train_step(forward, params, mine, opt, lr=1e-2, grad_clip=config.grad_clip, n_tasks=2,
+                            ddp=module if world > 1 else None)
 if world > 1:
-    torch.distributed.all_reduce(sums); torch.distributed.all_reduce(counts)
+    torch.distributed.all_reduce(stats.sums); torch.distributed.all_reduce(stats.counts)
 if rank == 0:
-    torch.save({{"loss": sums / counts, "weights": gen.state_dict()}}, {out!r})
+    torch.save({{"loss": stats.sums / stats.counts, "weights": gen.state_dict()}}, {out!r})
 if world > 1:  # leaving without this can abort a gloo process at exit
     torch.distributed.barrier(); torch.distributed.destroy_process_group()
 """
@@ -375,7 +342,7 @@ def test_ddp_equals_single_process(world, tmp_path):
     argv = args(world, tmp_path, "--svd", "exact")  # the randomized SVD's draws differ per process
     config = train.parse_args(argv)
     tok = Tokenizer(world / "base" / "tokenizer.model")
-    stream = train.TextStream([str(world / "train.jsonl")], tok, 48, 16)
+    stream = training.TextStream([str(world / "train.jsonl")], tok, 48, 16)
     source = train.PretrainBatches(stream, config, 0)
     batches = [source.next(1) for _ in range(2)]
     torch.save([[b.tokens, b.mask, b.targets, b.visible, b.task] for b in batches], tmp_path / "batches.pt")
@@ -412,7 +379,7 @@ def test_empty_and_too_short_data(world, tmp_path):
     lines = [json.dumps({"text": "short"})] * 3 + [json.dumps({"text": " ".join(WORDS * 4)})]
     (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
     tok = Tokenizer(TOKENIZER)
-    stream = train.TextStream([str(tmp_path / "mixed.jsonl")], tok, 48, 16)
+    stream = training.TextStream([str(tmp_path / "mixed.jsonl")], tok, 48, 16)
     stream.next()
     assert stream.skipped == 3
 
@@ -447,9 +414,9 @@ def test_generator_for_another_base(world, tmp_path):
     (["--log_interval", "0"], "--log_interval: expected at least 1, got 0"),
     (["--k", "200"], r"--k = 200 is larger than min\(d_r, r\) = 128"),
     (["--tasks", "completion,translation"], "--tasks completion,translation: expected completion and/or reconstruction"),
-    (["--stage", "finetune"], r"--stage finetune: expected one of \['pretrain', 'sft', 'base'\]"),
+    (["--stage", "finetune"], r"--stage finetune: expected one of \['pretrain', 'sft'\]"),
+    (["--stage", "base"], "--stage base: the tiny base is trained by its own script, python data/make_base.py"),
     (["--stage", "sft", "--k", "8"], r"--k is not used by --stage sft \(the generator's settings come from --init"),
-    (["--stage", "base", "--data", "x.jsonl"], "--data is not used by --stage base"),
     (["--init", "runs/x"], "--init is not used by --stage pretrain"),
     (["--stage", "sft", "--steps", "5", "--epochs", "2"], "--steps and --epochs both set the length of the run"),
     (["--stage", "sft", "--init", ""], "--stage sft needs --init"),
@@ -464,7 +431,7 @@ def test_flag_errors(argv, message):
 
 def test_flags_given_as_zero_are_honoured():
     config = train.parse_args(["--weight_decay", "0", "--warmup", "0", "--lr", "0", "--svd_niter", "0", "--seed", "0"])
-    assert (config.weight_decay, config.warmup, config.lr, config.svd_niter, config.seed) == (0, 0, 0, 0, 0)
+    assert (config.weight_decay, config.warmup, config.lr, config.generator.svd_niter, config.seed) == (0, 0, 0, 0, 0)
     released = ["--stage", "sft", "--base", "b", "--data", "d.jsonl", "--init", "g"]  # SFT_RELEASED: 2 epochs
     assert train.parse_args(released).epochs == 2
     assert train.parse_args(released + ["--epochs", "0"]).epochs == 0
@@ -494,13 +461,13 @@ def test_resume_in_a_moved_checkout_after_a_torn_log_line(world, tmp_path, monke
     # the run and its data inside the repository, which then moves; the crash tore the last log line
     old, new = tmp_path / "old", tmp_path / "new"
     shutil.copytree(world, old)
-    monkeypatch.setattr(train, "ROOT", old)
+    monkeypatch.setattr(training, "ROOT", old)
     train.main(args(old, old / "run", "--steps", "3"))
     assert torch.load(old / "run" / "checkpoint" / "trainer.pt", weights_only=True)["config"]["base"] == "base"
     with open(old / "run" / "log.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 2.')
     old.rename(new)
-    monkeypatch.setattr(train, "ROOT", new)
+    monkeypatch.setattr(training, "ROOT", new)
     train.main(args(new, new / "run", "--steps", "4", "--resume"))
     assert [r["step"] for r in log(new / "run")] == [1, 2, 3, 4]
 

@@ -1,0 +1,258 @@
+"""Trains the tiny base model of the embedded default from scratch, and writes it where model.py
+loads it: config.json and model.safetensors (the Hugging Face layout), tokenizer.model, and the
+run's log.jsonl and validation.jsonl, in --out (default: data/tiny).
+
+    python data/make_base.py --overwrite        # rebuilds data/tiny/'s base
+    python data/make_base.py --out runs/base    # elsewhere; --resume continues an interrupted run
+
+The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-query attention,
+tied embeddings, a 256-token window). It never reads data/world/: it trains on text and on
+instruction records (context in the prompt) about worlds invented on the fly
+(data/fresh_worlds.py), so every fact of the bundled datasets is unknown to it and can only come
+from a context. It validates on the committed validation files, whose entities it never sees,
+and on fresh records of in-context learning, dialogue memory and closed-book recall.
+
+The loop is training.py's, as train.py's is: the same checkpoint/ and logs, --resume and
+--overwrite, and torchrun for several processes. Run it from the repository root after
+data/make_world.py and data/make_tokenizer.py.
+"""
+
+import argparse
+import math
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the library importable
+import cli  # noqa: E402
+from data.fresh_worlds import MIX, READING_MIX, FreshWorlds  # noqa: E402
+from data.readers import Instruction, read_instructions  # noqa: E402
+from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
+                   user_turn)
+from training import (ROOT, Batch, LoopConfig, Process, RecordBatches, Run, TextStream,  # noqa: E402
+                      next_token_targets, perplexities, prepare, train)
+
+TINY = ROOT / "data" / "tiny"
+WORLD = ROOT / "data" / "world"
+# The tiny default base (Mistral architecture, grouped-query attention, a 256-token window).
+TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
+                      vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
+                      tie_embeddings=True, model_type="mistral", dtype="float32")
+# The recipe: the defaults of this script's flags (LoopConfig's settings), flags given win.
+RECIPE = dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
+              out=str(TINY), lr=1.5e-3, warmup=100, steps=9000, batch_size=16, micro_batch=16,
+              weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=10, ckpt_interval=200)
+# Training draws by READING_MIX first: 120,000 draws (of about 41 a step of 16 rows) are about the
+# first 2,900 steps.
+READING_DRAWS = 120_000
+TASKS = ("text", "answer")  # the losses: next token of text rows, and of answers
+# What validation measures on fresh records besides the files: in-context learning of invented
+# tasks, dialogue memory, and closed-book answers about the library's entities never asked about.
+SKILLS = ("fewshot", "dialogue", "closed_book")
+VAL_QUESTIONS = 64  # questions per exact-match measure
+VAL_PROMPT_TOKENS = 200  # the longest prompt (context and question) of a validation question, exclusive
+ANSWER_TOKENS = 12  # greedy answers stop at a newline or after this many tokens
+
+
+def parse_args(argv=None) -> LoopConfig:
+    """Flags for every setting of the training loop (LoopConfig), RECIPE's values their defaults."""
+    defaults = cli.flag_values(LoopConfig()) | RECIPE
+    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    shown = lambda name: str(defaults[name]).replace(str(ROOT) + "/", "")  # paths as the README writes them
+    cli.add_flags(parser, LoopConfig, lambda name: f" (default: {shown(name)})")
+    return cli.from_flags(LoopConfig, defaults | cli.given_flags(parser, LoopConfig, argv))
+
+
+# -----------------------------------------------------------------------------
+# The model and its data
+
+
+def init_tiny_base(args: ModelArgs) -> Transformer:
+    """A fresh base: weights normal(0, 0.02), residual outputs scaled by 1 / sqrt(2 L) (GPT-2);
+    the (tied) embeddings normal(0, 1 / sqrt(dim)), unit norm: the world's 60 cities and 29
+    occupations are always used alike and share one learned direction, and only what is left
+    of their random start tells them apart when they are copied from a context. From 0.02,
+    that part stayed small (cosine 0.8 between cities) and the base never learned to copy them."""
+    model = Transformer(args)
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            torch.nn.init.normal_(p, 0.0, args.dim ** -0.5)
+        elif p.dim() == 2:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * args.n_layers) if residual else 0.02)
+    return model
+
+
+class FreshSource:
+    """The base stage's endless training data: text windows (alternately about fresh worlds and
+    about the library) and instruction examples of every kind (data/fresh_worlds.py), drawn by
+    READING_MIX for the first `reading` draws, then by MIX. Draw i of rank r is a function of
+    (seed, r, i), so a counter is all the state."""
+
+    def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0):
+        self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
+        self.worlds, self.count = FreshWorlds(), 0
+
+    def _key(self) -> str:
+        self.count += 1
+        return f"{self.prefix}/{self.count}"
+
+    def next(self) -> list[int]:
+        """A text window of `length` tokens (BOS, then documents)."""
+        while True:
+            key = self._key()
+            ids = self.tokenizer.encode(self.worlds.text(key, library=self.count % 2 == 0))
+            if len(ids) >= self.length:
+                return ids[:self.length]
+
+    def example(self) -> tuple[list[int], list[int]]:
+        """A record in the chat template, context in the prompt, that fits `length` tokens."""
+        while True:
+            r = self.worlds.instruction(self._key(), READING_MIX if self.count < self.reading else MIX)
+            ids, targets = chat_example(self.tokenizer, user_turn(r["prompt"], r["context"]), r["answer"],
+                                        r["follow_ups"])
+            if len(ids) <= self.length:
+                return ids, targets
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+class BaseBatches:
+    """The training rows, one window each: a quarter are text windows (loss 'text' on every
+    token), the rest are instruction examples (chat template, context in the prompt)
+    packed one after another, with the loss 'answer' on their answers and 'text' on the rest
+    (in a few-shot example, the demonstrations' outputs too).
+
+    `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
+    """
+
+    def __init__(self, texts: TextStream | FreshSource, records: RecordBatches | FreshSource, length: int):
+        self.texts, self.records, self.length = texts, records, length
+
+    def next(self, n: int) -> Batch:
+        L = self.length
+        tokens = torch.zeros(n, 1, L, dtype=torch.long)
+        mask = torch.zeros(n, 1, L, dtype=torch.bool)
+        task = torch.zeros(n, 1, L, dtype=torch.long)
+        for i in range(n):
+            if i < n // 4:
+                ids, answer = self.texts.next(), [-100] * L
+            else:  # pack whole examples; the one that does not fit is dropped
+                ids, answer = [], []
+                while True:
+                    more, more_answer = self.records.example()
+                    if len(ids) + len(more) > L:
+                        break
+                    ids, answer = ids + more, answer + more_answer
+            tokens[i, 0, :len(ids)], mask[i, 0, :len(ids)] = torch.tensor(ids), True
+            task[i, 0, :len(ids)] = (torch.tensor(answer) != -100).long()
+        targets = next_token_targets(tokens, mask)  # answers' targets are their next tokens too
+        return Batch(tokens, mask, targets, torch.zeros(1, 1, dtype=torch.bool), task)
+
+    def state_dict(self) -> dict:
+        return {"texts": self.texts.state_dict(), "records": self.records.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.texts.load_state_dict(state["texts"])
+        self.records.load_state_dict(state["records"])
+
+
+# -----------------------------------------------------------------------------
+# Training and validation
+
+
+def build(config: LoopConfig, proc: Process) -> Run:
+    """A fresh tiny base trained on fresh worlds (FreshSource), validated on the committed
+    validation files (whose entities it never sees) and on fresh records of SKILLS."""
+    device, L = proc.device, TINY_BASE.max_seq_len
+    tokenizer = Tokenizer(TINY / "tokenizer.model", template="mistral")
+    torch.manual_seed(config.seed)
+    model = init_tiny_base(TINY_BASE).to(device)
+    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS)
+    texts = [p for p in config.val_data if "instructions" not in Path(p).name]
+    records = [p for p in config.val_data if "instructions" in Path(p).name]
+    if not texts or not records:
+        raise ValueError(f"--val_data {' '.join(config.val_data)} needs text files and instruction files "
+                         "(those with 'instructions' in their name)")
+    examples = [chat_example(tokenizer, user_turn(r.prompt, r.context), r.answer)
+                for path in records for r in read_instructions(path)]
+    fitting = [e for e in examples if len(e[0]) <= L]
+    questions = [r for r in read_instructions(records[0])
+                 if r.context and len(tokenizer.encode(user_turn(r.prompt, r.context))) < VAL_PROMPT_TOKENS]
+    questions = questions[:VAL_QUESTIONS]
+    val = lambda phase: BaseBatches(TextStream(texts, tokenizer, L, 1), RecordBatches(fitting, 0, None), L)
+
+    def load_weights(path: Path) -> None:
+        model.load_state_dict(Transformer.from_pretrained(path, device).state_dict())
+
+    return Run(name="base", module=model, forward=base_forward, train=BaseBatches(fresh, fresh, L), val=val,
+               validate=partial(validate, model=model, tokenizer=tokenizer, questions=questions, worlds=fresh.worlds),
+               save_weights=model.save_pretrained, load_weights=load_weights, tasks=TASKS, per_task=True)
+
+
+def base_forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every window of the batch as a row of the base (or its DDP wrapper): the logits at the
+    supervised positions, and 0 for the generator's SVD-guard count."""
+    N, W, T = batch.tokens.shape
+    logits = model(batch.tokens.view(N * W, T), logits_at=batch.supervised.view(N * W, T))
+    return logits, torch.zeros((), device=batch.tokens.device)
+
+
+@torch.no_grad()
+def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_context: bool) -> float:
+    """Greedy exact match of short answers, the context in the prompt or not."""
+    prompts = [query_prompt(tokenizer, r.prompt, r.context if with_context else None) for r in records]
+    outputs = generate(model, prompts, ANSWER_TOKENS, stop=("\n",), tokenizer=tokenizer, truncate=True)
+    hits = [answer_text(tokenizer, o).lower() == r.answer.strip().lower() for o, r in zip(outputs, records)]
+    return sum(hits) / len(hits)
+
+
+def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: Tokenizer,
+             questions: list[Instruction], worlds: FreshWorlds) -> dict:
+    """Perplexity per task; greedy exact match on the validation questions with their context in
+    the prompt and closed-book, and on fresh validation records of each of SKILLS. Printed, and
+    returned for validation.jsonl."""
+    ppl = perplexities(lambda b: base_forward(model, b), batches, TASKS)
+    em_context = answer_accuracy(model, tokenizer, questions, with_context=True)
+    em_closed = answer_accuracy(model, tokenizer, questions, with_context=False)
+    skills = {kind: answer_accuracy(model, tokenizer, [Instruction(r["context"], r["prompt"], r["answer"])
+                                                       for r in worlds.validation(kind, VAL_QUESTIONS)],
+                                    with_context=True) for kind in SKILLS}
+    tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
+               f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
+               + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()))
+    return {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed,
+            **{f"exact_match_{kind}": em for kind, em in skills.items()}}
+
+
+def finish(config: LoopConfig, model: Transformer) -> None:
+    """The base written beside its tokenizer, in the layout model.py loads."""
+    out = Path(config.out)
+    model.save_pretrained(out)
+    if not (out / "tokenizer.model").exists():
+        shutil.copy(TINY / "tokenizer.model", out / "tokenizer.model")
+    print(f"the base is in {out}/ (config.json, model.safetensors, tokenizer.model)")
+
+
+def main(argv=None) -> Path:
+    """Trains the tiny base the flags describe; returns the directory it is written to."""
+    config = parse_args(argv)
+    proc = prepare(config)
+    run = build(config, proc)
+    train(config, run, proc)
+    if proc.rank == 0:
+        finish(config, run.module)
+    return Path(config.out)
+
+
+if __name__ == "__main__":
+    cli.run(main, "make_base.py")

@@ -1,0 +1,108 @@
+"""data/make_base.py: the tiny base's data, initialisation, an end-to-end run and its resumption."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import training
+from data import make_base
+from model import Tokenizer, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
+
+
+def test_fresh_data_resumes_from_a_counter():
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    source = make_base.FreshSource(tok, 128, seed=0)
+    first = source.next()
+    assert len(first) == 128 and first[0] == tok.bos_id
+    state = source.state_dict()
+    examples = [source.example() for _ in range(3)]
+    again = make_base.FreshSource(tok, 128, seed=0)
+    again.load_state_dict(state)
+    assert [again.example() for _ in range(3)] == examples
+    assert all(len(ids) <= 128 and any(t != -100 for t in targets) for ids, targets in examples)
+    batch = make_base.BaseBatches(source, source, 128).next(8)
+    assert batch.tokens.shape == (8, 1, 128)
+    assert (batch.task[0] == 0).all()  # a text window
+    packed = batch.tokens[1, 0][batch.mask[1, 0]].tolist()
+    assert packed.count(tok.bos_id) >= 1 and packed[0] == tok.bos_id  # whole examples, one after another
+    answers = batch.targets[1, 0][batch.task[1, 0] == 1].tolist()
+    eos_positions = [i for i, t in enumerate(packed) if t == tok.eos_id]
+    assert answers.count(tok.eos_id) == len(eos_positions)  # each example's answer ends with its EOS
+    assert torch.equal(batch.targets[1, 0, :len(packed) - 1], torch.tensor(packed[1:]))
+
+
+def test_tiny_base_init():
+    # unit-norm tied embeddings (what let the tiny base copy cities and occupations); 0.02 elsewhere,
+    # residual outputs scaled by 1 / sqrt(2 L)
+    torch.manual_seed(0)
+    model = make_base.init_tiny_base(make_base.TINY_BASE).requires_grad_(False)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert abs(float(model.embed_tokens.weight.norm(dim=-1).mean()) - 1.0) < 0.02
+    layer = model.layers[0]
+    assert abs(float(layer.self_attn.q_proj.weight.std()) - 0.02) < 0.002
+    assert abs(float(layer.self_attn.o_proj.weight.std()) - 0.02 / math.sqrt(2 * make_base.TINY_BASE.n_layers)) < 0.0005
+
+
+def base_args(out: Path, *extra) -> list[str]:
+    return ["--out", str(out), "--steps", "4", "--warmup", "2", "--batch_size", "4", "--micro_batch", "2",
+            "--eval_interval", "4", "--eval_batches", "1", "--log_interval", "1", "--ckpt_interval", "2",
+            "--device", "cpu", *extra]
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
+    """A few steps at tiny sizes; the same run killed after step 3 (its checkpoint is step 2) and
+    resumed writes the same logs and the same model."""
+    monkeypatch.setattr(make_base, "VAL_QUESTIONS", 4)
+    assert make_base.main(base_args(tmp_path / "straight")) == tmp_path / "straight"
+    real_log = training.log_step
+
+    def interrupt(out, step, *a, **kw):
+        record = real_log(out, step, *a, **kw)
+        if step == 3:
+            raise KeyboardInterrupt
+        return record
+
+    monkeypatch.setattr(training, "log_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        make_base.main(base_args(tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    monkeypatch.setattr(training, "log_step", real_log)
+    make_base.main(base_args(tmp_path / "resumed", "--resume"))
+    keep = ("step", "loss", "loss_text", "loss_answer", "lr", "grad_norm")
+    straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
+    assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    for name in ("validation.jsonl", "model.safetensors", "config.json", "tokenizer.model"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    validation = json.loads((tmp_path / "straight" / "validation.jsonl").read_text())
+    assert set(validation) == {"step", "ppl", "exact_match_with_context", "exact_match_closed_book",
+                               *(f"exact_match_{kind}" for kind in make_base.SKILLS)}
+    assert set(validation["ppl"]) == set(make_base.TASKS)
+    assert Transformer.from_pretrained(tmp_path / "straight").args.n_layers == make_base.TINY_BASE.n_layers
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="needs text files and instruction files"):
+        make_base.main(base_args(tmp_path, "--val_data", str(ROOT / "data" / "world" / "pretrain_validation.jsonl.gz")))
+    with pytest.raises(ValueError, match="--steps: expected at least 1, got 0"):
+        make_base.parse_args(["--steps", "0"])
+    assert make_base.parse_args([]).out == str(ROOT / "data" / "tiny")
+    # the script itself, run from elsewhere: one line on stderr, exit status 2, and no flag of train.py's
+    for argv, message in [(["--steps", "0"], "--steps: expected at least 1, got 0"),
+                          (["--k", "8"], "unrecognized arguments: --k 8")]:
+        done = subprocess.run([sys.executable, str(ROOT / "data" / "make_base.py"), *argv], capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 2 and done.stderr.endswith(f"make_base.py: error: {message}\n"), done.stderr
