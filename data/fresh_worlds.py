@@ -1,4 +1,4 @@
-"""Fresh worlds: the endless training data of the tiny base model (train.py --stage base).
+"""Fresh worlds: the endless training data of the tiny base model (data/make_base.py).
 
 The base must be able to use each benchmark's kind of context, yet know none of the facts that
 the adapter generator is later trained or evaluated on. So it never reads data/world/: every draw
