@@ -231,7 +231,7 @@ def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: 
                f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
                + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()))
     return {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed,
-            **{f"exact_match_{kind}": em for kind, em in skills.items()}}
+            **{f"exact_match_fresh_{kind}": em for kind, em in skills.items()}}
 
 
 def finish(config: LoopConfig, model: Transformer) -> None:

@@ -89,7 +89,7 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     validation = json.loads((tmp_path / "straight" / "validation.jsonl").read_text())
     assert set(validation) == {"step", "ppl", "exact_match_with_context", "exact_match_closed_book",
-                               *(f"exact_match_{kind}" for kind in make_base.SKILLS)}
+                               *(f"exact_match_fresh_{kind}" for kind in make_base.SKILLS)}
     assert set(validation["ppl"]) == set(make_base.TASKS)
     assert Transformer.from_pretrained(tmp_path / "straight").args.n_layers == make_base.TINY_BASE.n_layers
 
