@@ -171,10 +171,14 @@ class FreshWorlds:
         self.asked, self.held_out = [e for part in asked for e in part], [e for part in held_out for e in part]
         self.test_tasks = build_tasks(w, config.seed)[1]
 
-    def _fresh(self, rng: random.Random, sizes: tuple[int, int, int]) -> tuple[World, Split]:
+    def _names(self, rng: random.Random) -> NameMaker:
+        """A maker of words that no committed file and no library name uses."""
         names = NameMaker(rng)
         names.used = set(self.taken)
-        split = build_split(names, self.world.first_names, list(self.world.cities), sizes, rng)
+        return names
+
+    def _fresh(self, rng: random.Random, sizes: tuple[int, int, int]) -> tuple[World, Split]:
+        split = build_split(self._names(rng), self.world.first_names, list(self.world.cities), sizes, rng)
         w = self.world
         return World(w.cities, {"fresh": split}, w.first_names, w.pet_names, w.teams, w.label_words), split
 
@@ -207,8 +211,6 @@ class FreshWorlds:
             entity = rng.choice(self.held_out if held_out else self.asked)
             facts = list(facts_of(self.library_world, entity).values())
             return self._turns("closed_book", "", rng.sample(facts, min(len(facts), rng.randint(1, 3))), rng)
-        names = NameMaker(rng)
-        names.used = set(self.taken)
         world, split = self._fresh(rng, self.SIZES)
         if kind == "qa":
             easy = rng.random() < 0.5  # one document, no distractor: how a small model first learns look-up
@@ -217,7 +219,7 @@ class FreshWorlds:
             return self._turns("qa", "\n\n".join(d.text for d in documents),
                                rng.sample(facts, min(len(facts), rng.randint(1, 4))), rng)
         if kind == "fewshot":
-            return self._fewshot(world, split, names, rng)
+            return self._fewshot(world, split, rng)
         if kind == "dialogue":
             return self._dialogue(world, rng)
         raise ValueError(f"record kind '{kind}': expected one of {list(KINDS[1:])}")
@@ -234,12 +236,13 @@ class FreshWorlds:
         return {"kind": kind, "context": context, "prompt": turns[0][0], "answer": turns[0][1],
                 "follow_ups": turns[1:]}
 
-    def _fewshot(self, world: World, split: Split, names: NameMaker, rng: random.Random) -> dict:
+    def _fewshot(self, world: World, split: Split, rng: random.Random) -> dict:
         """1-12 demonstrations `Input: x\\nOutput: y` of an invented task, then the query, as
         evaluate.py shows MetaICL. The loss on every demonstration's output (the text loss) asks
         for in-context learning all along the record."""
         pool = rng.choice(("people", "people", "organisations", "events"))
-        _, examples = self.invented_task(world, names, rng, pool, rng.sample(getattr(split, pool), rng.randint(2, 13)))
+        entities = rng.sample(getattr(split, pool), rng.randint(2, 13))
+        _, examples = self.invented_task(world, self._names(rng), rng, pool, entities)
         context = "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in examples[:-1])
         return {"kind": "fewshot", "context": context, "prompt": f"Input: {examples[-1][0]}\nOutput:",
                 "answer": examples[-1][1], "follow_ups": []}
