@@ -368,11 +368,13 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     prompts = [query_prompt(tokenizer, q) for q in unit.queries]
     if method in ("prompt", "prompt_oracle", "rag"):
         budget = args.max_seq_len - settings.max_new_tokens
-        context = {"prompt": unit.context, "prompt_oracle": unit.oracle}.get(method)
-        contexts = [context or best_chunk(q, unit.context) for q in unit.queries]
-        prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
-        if method != "rag":
+        if method == "rag":
+            contexts = [best_chunk(q, unit.context) for q in unit.queries]
+        else:  # the whole context, or (MSC) the session that holds the answer
+            context = unit.context if method == "prompt" else unit.oracle
+            contexts = [context] * len(unit.queries)
             storage = kv_cache_floats(args, len(context_ids(tokenizer, context)))
+        prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)

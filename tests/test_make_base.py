@@ -12,7 +12,8 @@ import torch
 
 import training
 from data import make_base
-from model import Tokenizer, Transformer
+from data.fresh_worlds import MIX, READING_MIX
+from model import Tokenizer, Transformer, chat_example, user_turn
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
@@ -106,3 +107,15 @@ def test_bad_input(tmp_path):
         done = subprocess.run([sys.executable, str(ROOT / "data" / "make_base.py"), *argv], capture_output=True,
                               text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 2 and done.stderr.endswith(f"make_base.py: error: {message}\n"), done.stderr
+
+
+def test_fresh_source_reads_first_then_mixes():
+    """The first `reading` draws follow READING_MIX, the later ones MIX."""
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    source = make_base.FreshSource(tok, 100_000, seed=0, reading=20)  # long enough that nothing is redrawn
+    drawn = [source.example() for _ in range(40)]
+    worlds = source.worlds
+    chat = lambda r: chat_example(tok, user_turn(r["prompt"], r["context"]), r["answer"], r["follow_ups"])
+    for mix, keys in ((READING_MIX, range(1, 21)), (MIX, range(21, 41))):
+        assert [chat(worlds.instruction(f"0/0/{k}", mix)) for k in keys] == drawn[keys[0] - 1:keys[-1]]
+    assert any(worlds.instruction(f"0/0/{k}", MIX) != worlds.instruction(f"0/0/{k}", READING_MIX) for k in range(1, 41))
