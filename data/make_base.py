@@ -21,6 +21,7 @@ import argparse
 import math
 import shutil
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,12 +30,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the library importable
 import cli  # noqa: E402
-from data.fresh_worlds import MIX, READING_MIX, FreshWorlds  # noqa: E402
+from data.fresh_worlds import ICL_MIX, MIX, READING_MIX, FreshWorlds  # noqa: E402
 from data.readers import Instruction, read_instructions  # noqa: E402
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
-                   user_turn)
+                   setting, user_turn)
 from training import (ROOT, Batch, LoopConfig, Process, RecordBatches, Run, TextStream,  # noqa: E402
-                      next_token_targets, perplexities, prepare, train)
+                      next_token_targets, perplexities, phase_at, prepare, train)
 
 TINY = ROOT / "data" / "tiny"
 WORLD = ROOT / "data" / "world"
@@ -42,9 +43,29 @@ WORLD = ROOT / "data" / "world"
 TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
                       vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
                       tie_embeddings=True, model_type="mistral", dtype="float32")
-# The recipe: the defaults of this script's flags (LoopConfig's settings), flags given win.
+
+
+@dataclass
+class BaseConfig(LoopConfig):
+    """make_base.py's settings, each a flag of the same name: the training loop's (LoopConfig)
+    and the length of the last phase."""
+    icl_steps: int = setting(0, "the last N of --steps are a phase of their own (warm-up and decay anew) that "
+                                "draws its records by ICL_MIX, few-shot heavy; 0: one phase")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.icl_steps < self.steps:
+            raise ValueError(f"--icl_steps {self.icl_steps}: expected at least 0 and fewer than --steps "
+                             f"({self.steps}); --icl_steps 0 trains one phase")
+
+    def phases(self) -> list[int]:
+        """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX)."""
+        return [self.steps - self.icl_steps, self.icl_steps] if self.icl_steps else [self.steps]
+
+
+# The recipe: the defaults of this script's flags (BaseConfig's settings), flags given win.
 RECIPE = dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
-              out=str(TINY), lr=1.5e-3, warmup=100, steps=9000, batch_size=16, micro_batch=16,
+              out=str(TINY), lr=1.5e-3, warmup=100, steps=11500, icl_steps=2500, batch_size=16, micro_batch=16,
               weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=10, ckpt_interval=200)
 # Training draws by READING_MIX first: 120,000 draws (of about 41 a step of 16 rows) are about the
 # first 2,900 steps.
@@ -58,14 +79,14 @@ VAL_PROMPT_TOKENS = 200  # the longest prompt (context and question) of a valida
 ANSWER_TOKENS = 12  # greedy answers stop at a newline or after this many tokens
 
 
-def parse_args(argv=None) -> LoopConfig:
-    """Flags for every setting of the training loop (LoopConfig), RECIPE's values their defaults."""
-    defaults = cli.flag_values(LoopConfig()) | RECIPE
+def parse_args(argv=None) -> BaseConfig:
+    """Flags for every setting of BaseConfig, RECIPE's values their defaults."""
+    defaults = cli.flag_values(BaseConfig()) | RECIPE
     parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = lambda name: str(defaults[name]).replace(str(ROOT) + "/", "")  # paths as the README writes them
-    cli.add_flags(parser, LoopConfig, lambda name: f" (default: {shown(name)})")
-    return cli.from_flags(LoopConfig, defaults | cli.given_flags(parser, LoopConfig, argv))
+    cli.add_flags(parser, BaseConfig, lambda name: f" (default: {shown(name)})")
+    return cli.from_flags(BaseConfig, defaults | cli.given_flags(parser, BaseConfig, argv))
 
 
 # -----------------------------------------------------------------------------
@@ -91,12 +112,12 @@ def init_tiny_base(args: ModelArgs) -> Transformer:
 class FreshSource:
     """The base stage's endless training data: text windows (alternately about fresh worlds and
     about the library) and instruction examples of every kind (data/fresh_worlds.py), drawn by
-    READING_MIX for the first `reading` draws, then by MIX. Draw i of rank r is a function of
-    (seed, r, i), so a counter is all the state."""
+    READING_MIX for the first `reading` draws, then by MIX, or by ICL_MIX while `icl` is set. Draw
+    i of rank r is a function of (seed, r, i), so a counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        self.worlds, self.count = FreshWorlds(), 0
+        self.worlds, self.count, self.icl = FreshWorlds(), 0, False
 
     def _key(self) -> str:
         self.count += 1
@@ -113,7 +134,8 @@ class FreshSource:
     def example(self) -> tuple[list[int], list[int]]:
         """A record in the chat template, context in the prompt, that fits `length` tokens."""
         while True:
-            r = self.worlds.instruction(self._key(), READING_MIX if self.count < self.reading else MIX)
+            mix = ICL_MIX if self.icl else READING_MIX if self.count < self.reading else MIX
+            r = self.worlds.instruction(self._key(), mix)
             ids, targets = chat_example(self.tokenizer, user_turn(r["prompt"], r["context"]), r["answer"],
                                         r["follow_ups"])
             if len(ids) <= self.length:
@@ -166,11 +188,32 @@ class BaseBatches:
         self.records.load_state_dict(state["records"])
 
 
+class FreshBatches(BaseBatches):
+    """The training batches: BaseBatches of a FreshSource, which draws by ICL_MIX in the last
+    phase. The state is the source's and the number of micro-batches drawn (so the phase)."""
+
+    def __init__(self, fresh: FreshSource, config: BaseConfig, accum: int):
+        super().__init__(fresh, fresh, fresh.length)
+        self.fresh, self.config, self.accum, self.drawn = fresh, config, accum, 0
+
+    def next(self, n: int) -> Batch:
+        self.fresh.icl = phase_at(self.drawn // self.accum, self.config)[0] == 1
+        self.drawn += 1
+        return super().next(n)
+
+    def state_dict(self) -> dict:
+        return {"fresh": self.fresh.state_dict(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fresh.load_state_dict(state["fresh"])
+        self.drawn = state["drawn"]
+
+
 # -----------------------------------------------------------------------------
 # Training and validation
 
 
-def build(config: LoopConfig, proc: Process) -> Run:
+def build(config: BaseConfig, proc: Process) -> Run:
     """A fresh tiny base trained on fresh worlds (FreshSource), validated on the committed
     validation files (whose entities it never sees) and on fresh records of SKILLS."""
     device, L = proc.device, TINY_BASE.max_seq_len
@@ -194,7 +237,8 @@ def build(config: LoopConfig, proc: Process) -> Run:
     def load_weights(path: Path) -> None:
         model.load_state_dict(Transformer.from_pretrained(path, device).state_dict())
 
-    return Run(name="base", module=model, forward=base_forward, train=BaseBatches(fresh, fresh, L), val=val,
+    accum = config.batch_size // (config.micro_batch * proc.world)
+    return Run(name="base", module=model, forward=base_forward, train=FreshBatches(fresh, config, accum), val=val,
                validate=partial(validate, model=model, tokenizer=tokenizer, questions=questions, worlds=fresh.worlds),
                save_weights=model.save_pretrained, load_weights=load_weights, tasks=TASKS, per_task=True)
 
@@ -234,7 +278,7 @@ def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: 
             **{f"exact_match_fresh_{kind}": em for kind, em in skills.items()}}
 
 
-def finish(config: LoopConfig, model: Transformer) -> None:
+def finish(config: BaseConfig, model: Transformer) -> None:
     """The base written beside its tokenizer, in the layout model.py loads."""
     out = Path(config.out)
     model.save_pretrained(out)

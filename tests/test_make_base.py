@@ -12,7 +12,7 @@ import torch
 
 import training
 from data import make_base
-from data.fresh_worlds import MIX, READING_MIX
+from data.fresh_worlds import ICL_MIX, MIX, READING_MIX
 from model import Tokenizer, Transformer, chat_example, user_turn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_tiny_base_init():
 def base_args(out: Path, *extra) -> list[str]:
     return ["--out", str(out), "--steps", "4", "--warmup", "2", "--batch_size", "4", "--micro_batch", "2",
             "--eval_interval", "4", "--eval_batches", "1", "--log_interval", "1", "--ckpt_interval", "2",
-            "--device", "cpu", *extra]
+            "--icl_steps", "2", "--device", "cpu", *extra]
 
 
 def log(out: Path) -> list[dict]:
@@ -64,8 +64,9 @@ def log(out: Path) -> list[dict]:
 
 
 def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
-    """A few steps at tiny sizes; the same run killed after step 3 (its checkpoint is step 2) and
-    resumed writes the same logs and the same model."""
+    """A few steps at tiny sizes, two in each phase; the same run killed after step 3 (its
+    checkpoint is step 2, the end of the first phase) and resumed writes the same logs and the
+    same model."""
     monkeypatch.setattr(make_base, "VAL_QUESTIONS", 4)
     assert make_base.main(base_args(tmp_path / "straight")) == tmp_path / "straight"
     real_log = training.log_step
@@ -86,6 +87,7 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
     straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
     assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    assert straight[2]["lr"] == straight[0]["lr"]  # the last phase warms up anew
     for name in ("validation.jsonl", "model.safetensors", "config.json", "tokenizer.model"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     validation = json.loads((tmp_path / "straight" / "validation.jsonl").read_text())
@@ -119,3 +121,28 @@ def test_fresh_source_reads_first_then_mixes():
     for mix, keys in ((READING_MIX, range(1, 21)), (MIX, range(21, 41))):
         assert [chat(worlds.instruction(f"0/0/{k}", mix)) for k in keys] == drawn[keys[0] - 1:keys[-1]]
     assert any(worlds.instruction(f"0/0/{k}", MIX) != worlds.instruction(f"0/0/{k}", READING_MIX) for k in range(1, 41))
+
+
+def test_the_last_phase_draws_by_icl_mix():
+    """--icl_steps makes the last steps a phase of their own, whose records follow ICL_MIX."""
+    config = make_base.parse_args(["--steps", "3", "--icl_steps", "1", "--batch_size", "4", "--micro_batch", "2"])
+    assert config.phases() == [2, 1] and make_base.parse_args(["--steps", "3", "--icl_steps", "0"]).phases() == [3]
+    with pytest.raises(ValueError, match=r"--icl_steps 3: expected at least 0 and fewer than --steps \(3\)"):
+        make_base.parse_args(["--steps", "3", "--icl_steps", "3"])
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    fresh = make_base.FreshSource(tok, 100_000, seed=0)
+    batches = make_base.FreshBatches(fresh, config, accum=2)
+    phases = []
+    for _ in range(6):  # 3 steps of 2 micro-batches
+        batches.next(2)
+        phases.append(fresh.icl)
+    assert phases == [False] * 4 + [True] * 2
+    state = batches.state_dict()
+    assert state["drawn"] == 6
+    ahead = [fresh.example() for _ in range(3)]
+    chat = lambda r: chat_example(tok, user_turn(r["prompt"], r["context"]), r["answer"], r["follow_ups"])
+    first = state["fresh"]["count"] + 1
+    assert ahead == [chat(fresh.worlds.instruction(f"0/0/{k}", ICL_MIX)) for k in range(first, first + 3)]
+    again = make_base.FreshBatches(make_base.FreshSource(tok, 100_000, seed=0), config, accum=2)
+    again.load_state_dict(state)
+    assert again.drawn == 6 and again.fresh.count == state["fresh"]["count"]
