@@ -896,6 +896,9 @@ class Ladder:
       documents  1-3 documents with distractors, as in instructions_train (qa_instruction);
       streams    3-8 documents (about 150-600 tokens, several windows), a question on any one;
       fewshot    4-16 demonstrations of a MetaICL train task, then a query (fewshot_instruction);
+      tasks      1-12 demonstrations of a task invented for the record about invented entities, then
+                 a query (data/fresh_worlds.py, as the tiny base learns in-context learning): a
+                 task of its own in every record, so only the context tells what to answer;
       dialogue   an MSC user's earlier sessions, then a question about one of their own facts.
 
     In "fact" and "people" the values are drawn at random for each record (a person's birthplace
@@ -905,12 +908,13 @@ class Ladder:
     not forgotten. Record i of a rung is a function of (rung, split, key).
     """
 
-    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "dialogue")
+    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue")
 
     def __init__(self, config: WorldConfig = WorldConfig(), replay: float = 0.25):
         self.world, self.replay, self.config = build_world(config), replay, config
         self.tasks = build_tasks(self.world, config.seed)[0]
         self.users = {}  # split -> its MSC users (those of the msc_self_instruct files), made when first asked
+        self.fresh = None  # the invented worlds of rung "tasks", made when first asked
 
     def record(self, rung: str, split_name: str, key: str) -> dict:
         if rung not in self.RUNGS:
@@ -925,6 +929,11 @@ class Ladder:
                                facts=1 if rung == "fact" else None)
         if rung == "fewshot":
             return fewshot_instruction(rng.choice(self.tasks), split, rng)
+        if rung == "tasks":
+            from data.fresh_worlds import FreshWorlds  # it builds on this module
+            self.fresh = self.fresh or FreshWorlds(self.config)
+            record = self.fresh.record("fewshot", rng)
+            return {key: record[key] for key in ("context", "prompt", "answer")}
         if rung == "dialogue":
             if split_name not in self.users:
                 n_users = self.config.msc_users[SPLITS.index(split_name)]

@@ -273,6 +273,12 @@ def test_ladder_rungs():
         pairs = {tuple(d.removeprefix("Input: ").split("\nOutput: ")) for d in r["context"].split("\n\n")}
         pairs.add((r["prompt"].removeprefix("Input: ").removesuffix("\nOutput:"), r["answer"]))
         assert len(pairs) >= 5 and any(pairs <= task for task in examples)
+    tasks = [make_world.Ladder(replay=0.0).record("tasks", "train", str(i)) for i in range(60)]
+    assert all(r["prompt"].endswith("\nOutput:") for r in tasks)
+    assert not words_in(r["context"] + " " + r["prompt"] for r in tasks) & set().union(
+        *(set(entities[s]["name_words"]) for s in make_world.SPLITS))  # invented entities, no split's
+    assert len({re.sub(r"\w+", "w", r["answer"]) for r in tasks}) > 10  # a task of its own in each record
+    assert ladder.record("tasks", "train", "7") != ladder.record("tasks", "validation", "7")
     train_users = {json.dumps(u["previous_dialogs"]) for u in map(json.loads, gzip.open(
         WORLD / "msc_self_instruct_train.jsonl.gz", "rt", encoding="utf-8"))}
     dialogue = [r for r in records["dialogue", "train"] if r["context"].startswith("Speaker ")]
