@@ -64,8 +64,9 @@ class TrainConfig(LoopConfig):
                         path=True)
     curriculum: list[str] = setting([], "sft: phases RUNG:STEPS, comma separated, climbed in order: each trains "
                                         "on records of one rung of data/make_world.py's Ladder (fact, people, "
-                                        "documents, streams) about the bundled world's train people, validates "
-                                        "on its validation people, and restarts the learning-rate schedule; the "
+                                        "documents, streams, fewshot, tasks, dialogue) about the bundled world's "
+                                        "train split (tasks: invented worlds), validates on its validation split, "
+                                        "and restarts the learning-rate schedule; the "
                                         "steps add up to --steps. Giving --data without --curriculum trains on "
                                         "--data instead")
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # flags --k, --d_r, ...
