@@ -9,8 +9,10 @@ The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-qu
 tied embeddings, a 256-token window). It never reads data/world/: it trains on text and on
 instruction records (context in the prompt) about worlds invented on the fly
 (data/fresh_worlds.py), so every fact of the bundled datasets is unknown to it and can only come
-from a context. It validates on the committed validation files, whose entities it never sees,
-and on fresh records of in-context learning, dialogue memory and closed-book recall.
+from a context. It trains in two phases, each with its own warm-up and decay: reading and mixing
+(READING_MIX, then MIX), then --icl_steps few-shot-heavy steps (ICL_MIX). It validates on the
+committed validation files, whose entities it never sees, and on fresh records of in-context
+learning, dialogue memory and closed-book recall.
 
 The loop is training.py's, as train.py's is: the same checkpoint/ and logs, --resume and
 --overwrite, and torchrun for several processes. Run it from the repository root after
