@@ -130,7 +130,7 @@ def test_the_last_phase_draws_by_icl_mix():
     with pytest.raises(ValueError, match=r"--icl_steps 3: expected at least 0 and fewer than --steps \(3\)"):
         make_base.parse_args(["--steps", "3", "--icl_steps", "3"])
     tok = Tokenizer(TOKENIZER, template="mistral")
-    fresh = make_base.FreshSource(tok, 100_000, seed=0)
+    fresh = make_base.FreshSource(tok, 2048, seed=0)  # long enough that no record is redrawn
     batches = make_base.FreshBatches(fresh, config, accum=2)
     phases = []
     for _ in range(6):  # 3 steps of 2 micro-batches
@@ -143,6 +143,6 @@ def test_the_last_phase_draws_by_icl_mix():
     chat = lambda r: chat_example(tok, user_turn(r["prompt"], r["context"]), r["answer"], r["follow_ups"])
     first = state["fresh"]["count"] + 1
     assert ahead == [chat(fresh.worlds.instruction(f"0/0/{k}", ICL_MIX)) for k in range(first, first + 3)]
-    again = make_base.FreshBatches(make_base.FreshSource(tok, 100_000, seed=0), config, accum=2)
+    again = make_base.FreshBatches(make_base.FreshSource(tok, 2048, seed=0), config, accum=2)
     again.load_state_dict(state)
     assert again.drawn == 6 and again.fresh.count == state["fresh"]["count"]
