@@ -273,6 +273,8 @@ def test_flag_errors(argv, message):
 def test_flags_given_as_zero_are_honoured():
     args = evaluate.parse_args(["--task", "msc", "--ft_epochs", "0", "--ft_lr", "0", "--seed", "0"])
     assert (args.ft_epochs, args.ft_lr, args.seed, args.limit) == (0, 0.0, 0, 100)
+    # not given, the fine-tuning learning rate is the one chosen on the task's validation data
+    assert [evaluate.parse_args(["--task", t]).ft_lr for t in ("streamingqa", "metaicl")] == [1e-2, 1e-3]
 
 
 def test_command_line_error_is_one_line(tmp_path):
