@@ -933,7 +933,7 @@ class Ladder:
             from data.fresh_worlds import FreshWorlds  # it builds on this module
             self.fresh = self.fresh or FreshWorlds(self.config)
             record = self.fresh.record("fewshot", rng)
-            return {key: record[key] for key in ("context", "prompt", "answer")}
+            return {field: record[field] for field in ("context", "prompt", "answer")}
         if rung == "dialogue":
             if split_name not in self.users:
                 n_users = self.config.msc_users[SPLITS.index(split_name)]
