@@ -41,8 +41,9 @@ MIX = {"qa": 0.45, "fewshot": 0.30, "dialogue": 0.15, "closed_book": 0.10}
 # the other kinds build on it (with MIX from the start, exact match with the document in the
 # prompt was 3% after 1,000 steps, against 23% after 800 for a mix of 85% QA).
 READING_MIX = {"qa": 0.85, "fewshot": 0.05, "dialogue": 0.05, "closed_book": 0.05}
-# The base stage's last phase draws by this mix: in-context learning of invented tasks is the slowest skill to
-# come (exact match on fresh few-shot records was 36% after 9,000 steps of MIX, and still rising).
+# The base stage's last phase draws by this mix: in-context learning of invented tasks is the
+# slowest skill to come (exact match on fresh few-shot records was 36% after 9,000 steps of MIX,
+# and still rising).
 ICL_MIX = {"qa": 0.30, "fewshot": 0.50, "dialogue": 0.10, "closed_book": 0.10}
 
 # Label words of invented classification tasks: common words, none a label of a MetaICL test task
