@@ -38,7 +38,7 @@ from data.readers import Instruction, read_instructions
 from generator import TASKS, AdapterGenerator, GeneratorConfig, pretraining_layout, split_windows
 from model import Tokenizer, Transformer, chat_example, check_at_least, context_ids, load, setting
 from training import (ROOT, Batch, LoopConfig, Process, RecordBatches, Run, TextStream, find_checkpoint,
-                      next_token_targets, perplexities, phase_at, prepare, train)
+                      micro_batch_phase, next_token_targets, perplexities, phase_at, prepare, train)
 
 TINY = ROOT / "data" / "tiny"
 WORLD = ROOT / "data" / "world"
@@ -298,8 +298,8 @@ class CurriculumBatches:
     records of its Ladder rung (record j a function of the seed and j) and serves them through
     RecordBatches; the state is the number of micro-batches drawn and that phase's position."""
 
-    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, w: int, accum: int, rank=0, world=1):
-        self.config, self.tokenizer, self.w, self.accum, self.rank, self.world = config, tokenizer, w, accum, rank, world
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, w: int, rank=0, world=1):
+        self.config, self.tokenizer, self.w, self.rank, self.world = config, tokenizer, w, rank, world
         self.ladder, self.drawn, self.phase, self.batches = Ladder(), 0, None, None
 
     def examples(self, phase: int, split: str, n: int) -> list:
@@ -316,7 +316,7 @@ class CurriculumBatches:
                                                         micro_batch=self.config.micro_batch)
 
     def next(self, n: int) -> Batch:
-        phase = phase_at(self.drawn // self.accum, self.config)[0]
+        phase = micro_batch_phase(self.drawn, self.config, self.world)
         if phase != self.phase:
             self._enter(phase)
         self.drawn += 1
@@ -358,8 +358,7 @@ def build(config: TrainConfig, proc: Process) -> Run:
         generator = AdapterGenerator.load(start, base.args, device)
         w = generator.config.window
         if config.curriculum:
-            accum = config.batch_size // (config.micro_batch * proc.world)
-            train_batches = CurriculumBatches(config, tokenizer, w, accum, proc.rank, proc.world)
+            train_batches = CurriculumBatches(config, tokenizer, w, proc.rank, proc.world)
             n_val = config.eval_batches * config.micro_batch
             val = lambda phase: RecordBatches(train_batches.examples(phase, "validation", n_val), 0, sft_batch)
         else:

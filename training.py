@@ -285,6 +285,16 @@ def phase_at(step: int, config: LoopConfig) -> tuple[int, int, int]:
         start += steps
 
 
+def accumulation(config: LoopConfig, world: int) -> int:
+    """Micro-batches per optimiser step on each of `world` processes (gradient accumulation)."""
+    return config.batch_size // (config.micro_batch * world)
+
+
+def micro_batch_phase(drawn: int, config: LoopConfig, world: int) -> int:
+    """The phase of the micro-batch a rank draws after `drawn` others: they fill the steps in turn."""
+    return phase_at(drawn // accumulation(config, world), config)[0]
+
+
 def learning_rate(step: int, config: LoopConfig) -> float:
     """Linear warm-up, then cosine decay to FINAL_LR of the peak; anew in each phase."""
     _, start, length = phase_at(step, config)
@@ -534,7 +544,7 @@ def train(config: LoopConfig, run: Run, proc: Process) -> None:
     --resume: nanoGPT's loop, micro-batches read ahead of the step that uses them; logs, validates
     and checkpoints on rank 0 at their intervals and at the last step. Ends the process group."""
     out, device, world = Path(config.out), proc.device, proc.world
-    accum = config.batch_size // (config.micro_batch * world)
+    accum = accumulation(config, world)
     ddp = DDP(run.module, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
 
     def forward(batch: Batch):

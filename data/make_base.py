@@ -37,7 +37,7 @@ from data.readers import Instruction, read_instructions  # noqa: E402
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
                    setting, user_turn)
 from training import (ROOT, Batch, LoopConfig, Process, RecordBatches, Run, TextStream,  # noqa: E402
-                      next_token_targets, perplexities, phase_at, prepare, train)
+                      micro_batch_phase, next_token_targets, perplexities, prepare, train)
 
 TINY = ROOT / "data" / "tiny"
 WORLD = ROOT / "data" / "world"
@@ -194,12 +194,12 @@ class FreshBatches(BaseBatches):
     """The training batches: BaseBatches of a FreshSource, which draws by ICL_MIX in the last
     phase. The state is the source's and the number of micro-batches drawn (so the phase)."""
 
-    def __init__(self, fresh: FreshSource, config: BaseConfig, accum: int):
+    def __init__(self, fresh: FreshSource, config: BaseConfig, world: int = 1):
         super().__init__(fresh, fresh, fresh.length)
-        self.fresh, self.config, self.accum, self.drawn = fresh, config, accum, 0
+        self.fresh, self.config, self.world, self.drawn = fresh, config, world, 0
 
     def next(self, n: int) -> Batch:
-        self.fresh.icl = phase_at(self.drawn // self.accum, self.config)[0] == 1
+        self.fresh.icl = micro_batch_phase(self.drawn, self.config, self.world) == 1
         self.drawn += 1
         return super().next(n)
 
@@ -239,8 +239,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
     def load_weights(path: Path) -> None:
         model.load_state_dict(Transformer.from_pretrained(path, device).state_dict())
 
-    accum = config.batch_size // (config.micro_batch * proc.world)
-    return Run(name="base", module=model, forward=base_forward, train=FreshBatches(fresh, config, accum), val=val,
+    return Run(name="base", module=model, forward=base_forward, train=FreshBatches(fresh, config, proc.world), val=val,
                validate=partial(validate, model=model, tokenizer=tokenizer, questions=questions, worlds=fresh.worlds),
                save_weights=model.save_pretrained, load_weights=load_weights, tasks=TASKS, per_task=True)
 

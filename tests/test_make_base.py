@@ -111,15 +111,19 @@ def test_bad_input(tmp_path):
         assert done.returncode == 2 and done.stderr.endswith(f"make_base.py: error: {message}\n"), done.stderr
 
 
+def chat(tok: Tokenizer, r: dict) -> tuple[list[int], list[int]]:
+    """A fresh record as FreshSource serves it: the chat example, context in the prompt."""
+    return chat_example(tok, user_turn(r["prompt"], r["context"]), r["answer"], r["follow_ups"])
+
+
 def test_fresh_source_reads_first_then_mixes():
     """The first `reading` draws follow READING_MIX, the later ones MIX."""
     tok = Tokenizer(TOKENIZER, template="mistral")
     source = make_base.FreshSource(tok, 100_000, seed=0, reading=20)  # long enough that nothing is redrawn
     drawn = [source.example() for _ in range(40)]
     worlds = source.worlds
-    chat = lambda r: chat_example(tok, user_turn(r["prompt"], r["context"]), r["answer"], r["follow_ups"])
     for mix, keys in ((READING_MIX, range(1, 21)), (MIX, range(21, 41))):
-        assert [chat(worlds.instruction(f"0/0/{k}", mix)) for k in keys] == drawn[keys[0] - 1:keys[-1]]
+        assert [chat(tok, worlds.instruction(f"0/0/{k}", mix)) for k in keys] == drawn[keys[0] - 1:keys[-1]]
     assert any(worlds.instruction(f"0/0/{k}", MIX) != worlds.instruction(f"0/0/{k}", READING_MIX) for k in range(1, 41))
 
 
@@ -131,7 +135,7 @@ def test_the_last_phase_draws_by_icl_mix():
         make_base.parse_args(["--steps", "3", "--icl_steps", "3"])
     tok = Tokenizer(TOKENIZER, template="mistral")
     fresh = make_base.FreshSource(tok, 2048, seed=0)  # long enough that no record is redrawn
-    batches = make_base.FreshBatches(fresh, config, accum=2)
+    batches = make_base.FreshBatches(fresh, config)  # 2 micro-batches a step
     phases = []
     for _ in range(6):  # 3 steps of 2 micro-batches
         batches.next(2)
@@ -140,9 +144,8 @@ def test_the_last_phase_draws_by_icl_mix():
     state = batches.state_dict()
     assert state["drawn"] == 6
     ahead = [fresh.example() for _ in range(3)]
-    chat = lambda r: chat_example(tok, user_turn(r["prompt"], r["context"]), r["answer"], r["follow_ups"])
     first = state["fresh"]["count"] + 1
-    assert ahead == [chat(fresh.worlds.instruction(f"0/0/{k}", ICL_MIX)) for k in range(first, first + 3)]
-    again = make_base.FreshBatches(make_base.FreshSource(tok, 2048, seed=0), config, accum=2)
+    assert ahead == [chat(tok, fresh.worlds.instruction(f"0/0/{k}", ICL_MIX)) for k in range(first, first + 3)]
+    again = make_base.FreshBatches(make_base.FreshSource(tok, 2048, seed=0), config)
     again.load_state_dict(state)
     assert again.drawn == 6 and again.fresh.count == state["fresh"]["count"]
