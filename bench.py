@@ -58,15 +58,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int, warmup: int = 1) -> dict:
-    """Median and spread of fn's wall time in seconds, after warm-up."""
+def timed(fn, device, repeats: int, warmup: int = 1, setup=tuple) -> dict:
+    """Median and spread of the wall time of fn(*setup()) in seconds, after warm-up; setup()
+    itself is not timed."""
     for _ in range(warmup):
-        fn()
+        fn(*setup())
     times = []
     for _ in range(repeats):
+        inputs = setup()
         sync(device)
         start = time.perf_counter()
-        fn()
+        fn(*inputs)
         sync(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
@@ -233,21 +235,21 @@ def bench_decoding(model: Transformer, generator: AdapterGenerator, state: Conte
             if compile_step:
                 step = torch.compile(step, mode="reduce-overhead")
 
-            def run():
+            def prefilled():  # the prompt's forward, eager and not timed: only decoding is
                 cache = KVCache(model.args, batch, T + new, device, dtype, static=compile_step)
                 with torch.no_grad(), cli.autocast(device):
-                    token = decode_step(model, adapter)(prompt, cache)  # prefill, eager
+                    return decode_step(model, adapter)(prompt, cache), cache
+
+            def decode(token, cache):
+                with torch.no_grad(), cli.autocast(device):
                     for _ in range(new):
                         token = step(token, cache)
 
             with torch.no_grad(), merged(model, forms["lora"]) if form == "merged" else contextlib.nullcontext():
-                prefill = timed(lambda: model(prompt, cache=KVCache(model.args, batch, T + new, device, dtype)),
-                                device, preset["repeats"])
-                t = timed(run, device, preset["repeats"])
-            decode_s = max(1e-9, t["median_s"] - prefill["median_s"])
+                t = timed(decode, device, preset["repeats"], setup=prefilled)
             kv_read = kv_cache_floats(model.args, batch * (T + new // 2)) * torch.finfo(dtype).bits // 8
-            rows.append({"form": form, "batch": batch, "tokens_per_s": batch * new / decode_s,
-                         "gb_per_s": new * (weight_bytes + kv_read) / decode_s / 1e9, **t})
+            rows.append({"form": form, "batch": batch, "tokens_per_s": batch * new / t["median_s"],
+                         "gb_per_s": new * (weight_bytes + kv_read) / t["median_s"] / 1e9, **t})
     return rows
 
 

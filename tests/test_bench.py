@@ -23,7 +23,7 @@ def test_training_step_flops_by_hand():
 def test_tiny_preset_on_cpu_writes_json(tmp_path, monkeypatch):
     # the tiny preset's shapes on shorter contexts (still 16x apart), one repeat: every measurement, faster
     monkeypatch.setitem(bench.PRESETS, "tiny", bench.PRESETS["tiny"] | dict(
-        contexts=[256, 512, 1024, 2048, 4096], new_tokens=8, repeats=1))
+        contexts=[128, 256, 512, 1024, 2048], new_tokens=8, repeats=1))
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(out)])
     results = json.loads(out.read_text())
@@ -40,6 +40,8 @@ def test_tiny_preset_on_cpu_writes_json(tmp_path, monkeypatch):
     assert all(row["adapter_s_per_window"] > 0 and row["adapter_extra_mb"] > -2 for row in results["ingestion"])
     forms = {(row["form"], row["batch"]) for row in results["decoding"]}
     assert forms == {(f, b) for f in ("base", "merged", "lora", "on_the_fly") for b in (1, 8)}
+    # tokens/s is the decoded tokens over the decoding time alone (the prefill is not timed)
+    assert all(row["tokens_per_s"] * row["median_s"] == pytest.approx(8 * row["batch"]) for row in results["decoding"])
 
 
 def test_output_path_is_checked_before_measuring(tmp_path, capsys):

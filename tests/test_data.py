@@ -273,7 +273,8 @@ def test_ladder_rungs():
         pairs = {tuple(d.removeprefix("Input: ").split("\nOutput: ")) for d in r["context"].split("\n\n")}
         pairs.add((r["prompt"].removeprefix("Input: ").removesuffix("\nOutput:"), r["answer"]))
         assert len(pairs) >= 5 and any(pairs <= task for task in examples)
-    tasks = [make_world.Ladder(replay=0.0).record("tasks", "train", str(i)) for i in range(60)]
+    no_replay = make_world.Ladder(replay=0.0)
+    tasks = [no_replay.record("tasks", "train", str(i)) for i in range(60)]
     assert all(r["prompt"].endswith("\nOutput:") for r in tasks)
     assert not words_in(r["context"] + " " + r["prompt"] for r in tasks) & set().union(
         *(set(entities[s]["name_words"]) for s in make_world.SPLITS))  # invented entities, no split's

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import cli
 import train
@@ -18,7 +19,7 @@ import training
 from conftest import random_model, tiny_args
 from data.readers import Instruction
 from generator import TASKS, AdapterGenerator, pretraining_layout
-from model import Tokenizer
+from model import Tokenizer, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
@@ -303,42 +304,45 @@ def test_failed_checkpoint_write_keeps_the_previous(world, tmp_path, monkeypatch
     AdapterGenerator.load(training.find_checkpoint(tmp_path), random_model(tiny_args(vocab_size=4096)).args)
 
 
+def one_ddp_step(argv: list[str], base: str, batches: list[training.Batch], rank: int, world: int) -> dict:
+    """One training step of a generator (random B) on this rank's share of `batches`, wrapped in
+    DistributedDataParallel when world > 1: the loss over the global batch and the new weights."""
+    config = train.parse_args(argv)
+    model = Transformer.from_pretrained(base)
+    torch.manual_seed(0)
+    gen = AdapterGenerator(model.args, config.generator)
+    with torch.no_grad():
+        for g in gen.mods.values():
+            g.B.normal_(0, 0.3)
+    module = DistributedDataParallel(gen) if world > 1 else gen
+    forward = lambda b: module(model, b.tokens, b.mask, b.visible, b.supervised)
+    stats = training.train_step(forward, list(gen.parameters()), batches[rank::world],
+                                training.make_optimizer(gen, config), lr=1e-2, grad_clip=config.grad_clip,
+                                n_tasks=2, ddp=module if world > 1 else None)
+    if world > 1:
+        torch.distributed.all_reduce(stats.sums)
+        torch.distributed.all_reduce(stats.counts)
+    return {"loss": stats.sums / stats.counts, "weights": gen.state_dict()}
+
+
 DDP_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import train, training
-from model import Transformer
-from generator import TASKS, AdapterGenerator, pretraining_layout
-from torch.nn.parallel import DistributedDataParallel as DDP
+import training
+from test_train import one_ddp_step
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-if world > 1:
-    torch.distributed.init_process_group("gloo")
-config = train.parse_args({argv!r})
-base = Transformer.from_pretrained({base!r})
-torch.manual_seed(0)
-gen = AdapterGenerator(base.args, config.generator)
-with torch.no_grad():
-    for g in gen.mods.values():
-        g.B.normal_(0, 0.3)
-batches = torch.load({batches!r}, weights_only=True)
-batches = [training.Batch(*b) for b in batches]
-mine = batches[rank::world]  # the same global batch of 2 sequences
-module = DDP(gen) if world > 1 else gen
-forward = lambda b: module(base, b.tokens, b.mask, b.visible, b.supervised)
-opt = training.make_optimizer(gen, config)
-params = list(gen.parameters())
-stats = training.train_step(forward, params, mine, opt, lr=1e-2, grad_clip=config.grad_clip, n_tasks=2,
-                            ddp=module if world > 1 else None)
-if world > 1:
-    torch.distributed.all_reduce(stats.sums); torch.distributed.all_reduce(stats.counts)
+torch.distributed.init_process_group("gloo")
+batches = [training.Batch(*b) for b in torch.load({batches!r}, weights_only=True)]
+result = one_ddp_step({argv!r}, {base!r}, batches, rank, world)
 if rank == 0:
-    torch.save({{"loss": stats.sums / stats.counts, "weights": gen.state_dict()}}, {out!r})
-if world > 1:  # leaving without this can abort a gloo process at exit
-    torch.distributed.barrier(); torch.distributed.destroy_process_group()
+    torch.save(result, {out!r})
+torch.distributed.barrier(); torch.distributed.destroy_process_group()  # leaving without it can abort gloo
 """
 
 
 def test_ddp_equals_single_process(world, tmp_path):
+    """torchrun with 2 processes, each half of a global batch of 2 sequences, takes the step
+    that one process takes on the whole batch."""
     argv = args(world, tmp_path, "--svd", "exact")  # the randomized SVD's draws differ per process
     config = train.parse_args(argv)
     tok = Tokenizer(world / "base" / "tokenizer.model")
@@ -346,20 +350,17 @@ def test_ddp_equals_single_process(world, tmp_path):
     source = train.PretrainBatches(stream, config, 0)
     batches = [source.next(1) for _ in range(2)]
     torch.save([[b.tokens, b.mask, b.targets, b.visible, b.task] for b in batches], tmp_path / "batches.pt")
-    results = {}
-    for procs in (1, 2):
-        out = tmp_path / f"result{procs}.pt"
-        script = DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), argv=argv,
-                                   base=str(world / "base"), batches=str(tmp_path / "batches.pt"), out=str(out))
-        (tmp_path / "ddp.py").write_text(script)
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc_per_node", str(procs), str(tmp_path / "ddp.py")],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        results[procs] = torch.load(out, weights_only=True)
-    torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
-    for name, w in results[1]["weights"].items():
-        torch.testing.assert_close(results[2]["weights"][name], w, atol=1e-6, rtol=1e-5)
+    script = DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), argv=argv, base=str(world / "base"),
+                               batches=str(tmp_path / "batches.pt"), out=str(tmp_path / "result.pt"))
+    (tmp_path / "ddp.py").write_text(script)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "ddp.py")], capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    two = torch.load(tmp_path / "result.pt", weights_only=True)
+    one = one_ddp_step(argv, str(world / "base"), batches, 0, 1)
+    torch.testing.assert_close(two["loss"], one["loss"], atol=1e-6, rtol=1e-6)
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, atol=1e-6, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------
