@@ -66,8 +66,8 @@ class TrainConfig(LoopConfig):
                                         "on records of one rung of data/make_world.py's Ladder (fact, people, "
                                         "documents, streams, fewshot, tasks, dialogue) about the bundled world's "
                                         "train split (tasks: invented worlds), validates on its validation split, "
-                                        "and restarts the learning-rate schedule; the "
-                                        "steps add up to --steps. Giving --data without --curriculum trains on "
+                                        "and restarts the learning-rate schedule; a quarter of a phase's records replay the rungs "
+                                        "below it and those of the earlier phases; the steps add up to --steps. Giving --data without --curriculum trains on "
                                         "--data instead")
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # flags --k, --d_r, ...
     windows: int = setting(8, "context windows C per pretraining text")
@@ -295,8 +295,8 @@ class PretrainBatches:
 
 class CurriculumBatches:
     """The sft micro-batches of a --curriculum. When phase i starts, it makes steps_i x batch_size
-    records of its Ladder rung (record j a function of the seed and j) and serves them through
-    RecordBatches; the state is the number of micro-batches drawn and that phase's position."""
+    records of its Ladder rung (record j a function of the seed and j; the replayed share also
+    draws from the rungs of the earlier phases) and serves them through RecordBatches; the state is the number of micro-batches drawn and that phase's position."""
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, w: int, rank=0, world=1):
         self.config, self.tokenizer, self.w, self.rank, self.world = config, tokenizer, w, rank, world
@@ -304,8 +304,10 @@ class CurriculumBatches:
 
     def examples(self, phase: int, split: str, n: int) -> list:
         """SFT examples of the first n records of a phase's rung that fit (split: train or validation)."""
-        rung = curriculum_phases(self.config.curriculum)[phase][0]
-        records = (Instruction(**self.ladder.record(rung, split, f"{self.config.seed}/{j}")) for j in range(n))
+        rungs = [rung for rung, _ in curriculum_phases(self.config.curriculum)]
+        climbed = tuple(rungs[:phase])  # replayed too, whatever their place on the ladder
+        records = (Instruction(**self.ladder.record(rungs[phase], split, f"{self.config.seed}/{j}", climbed))
+                   for j in range(n))
         return [e for e in (sft_example(self.tokenizer, r, self.w) for r in records) if e is not None]
 
     def _enter(self, phase: int) -> None:

@@ -904,8 +904,9 @@ class Ladder:
     In "fact" and "people" the values are drawn at random for each record (a person's birthplace
     differs between records), so the answer can only come from the context. Names come from the
     split asked for: train records name train entities (and train tasks and MSC users) only,
-    validation records validation ones. A share `replay` of each rung's records are drawn from the rungs below it, so that they are
-    not forgotten. Record i of a rung is a function of (rung, split, key).
+    validation records validation ones. A share `replay` of each rung's records are drawn from the
+    rungs below it and the rungs `climbed` before it (a curriculum's earlier phases), so that they
+    are not forgotten. Record i of a rung is a function of (rung, split, key, climbed).
     """
 
     RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue")
@@ -916,13 +917,14 @@ class Ladder:
         self.users = {}  # split -> its MSC users (those of the msc_self_instruct files), made when first asked
         self.fresh = None  # the invented worlds of rung "tasks", made when first asked
 
-    def record(self, rung: str, split_name: str, key: str) -> dict:
+    def record(self, rung: str, split_name: str, key: str, climbed: tuple[str, ...] = ()) -> dict:
         if rung not in self.RUNGS:
             raise ValueError(f"ladder rung '{rung}': expected one of {list(self.RUNGS)}")
         rng = random.Random(f"ladder/{rung}/{split_name}/{key}")
         below = self.RUNGS[:self.RUNGS.index(rung)]
-        if below and rng.random() < self.replay:
-            rung = rng.choice(below)
+        replayed = below + tuple(r for r in self.RUNGS if r in climbed and r not in below and r != rung)
+        if replayed and rng.random() < self.replay:
+            rung = rng.choice(replayed)
         split = self.world.splits[split_name]
         if rung in ("fact", "people"):
             return self._facts(split, rng, people=1 if rung == "fact" else rng.randint(1, 4),

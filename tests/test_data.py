@@ -265,6 +265,11 @@ def test_ladder_rungs():
     # a quarter of a rung's records replay the rungs below it
     replayed = sum(len(r["context"].split()) < 60 for r in records["streams", "train"]) / 120
     assert 0.1 < replayed < 0.4
+    # ... and the rungs climbed before it; rungs below that were climbed change nothing
+    after_dialogue = [ladder.record("people", "train", str(i), climbed=("dialogue", "fact")) for i in range(120)]
+    assert 0.03 < sum(r["context"].startswith("Speaker ") for r in after_dialogue) / 120 < 0.25
+    assert [ladder.record("documents", "train", str(i), climbed=("fact", "people")) for i in range(120)] == \
+        records["documents", "train"]
     validation = ladder.world.splits["validation"]
     examples = [{t.example(e) for e in getattr(validation, t.pool)} for t in make_world.build_tasks(ladder.world, 0)[0]]
     fewshot = [r for r in records["fewshot", "validation"] if r["prompt"].endswith("\nOutput:")]

@@ -228,6 +228,15 @@ def test_curriculum_flag_errors(flags, message):
         train.parse_args(["--stage", "sft", *flags])
 
 
+def test_curriculum_replays_the_earlier_phases(world):
+    """A phase's replayed records come from the rungs of the phases before it too: after
+    `dialogue`, about an eighth of the `fact` phase's records are dialogue sessions (long contexts)."""
+    config = train.parse_args(["--stage", "sft", "--curriculum", "dialogue:5,fact:5"])
+    batches = train.CurriculumBatches(config, Tokenizer(world / "base" / "tokenizer.model"), w=64)
+    fact_windows = [len(windows) for windows, _, _ in batches.examples(1, "train", 200)]
+    assert 0.05 < sum(n > 1 for n in fact_windows) / len(fact_windows) < 0.25  # a fact fits one window
+
+
 def test_curriculum_run_resumes_bit_identically(world, tmp_path, monkeypatch):
     """Two phases of ladder records (fact, then people), interrupted in the second phase."""
     train.main(args(world, tmp_path / "pre", "--steps", "1", "--window", "32", "--d_r", "32", "--r", "32",
