@@ -66,9 +66,9 @@ class TrainConfig(LoopConfig):
                                         "on records of one rung of data/make_world.py's Ladder (fact, people, "
                                         "documents, streams, fewshot, tasks, dialogue) about the bundled world's "
                                         "train split (tasks: invented worlds), validates on its validation split, "
-                                        "and restarts the learning-rate schedule; a quarter of a phase's records replay the rungs "
-                                        "below it and those of the earlier phases; the steps add up to --steps. Giving --data without --curriculum trains on "
-                                        "--data instead")
+                                        "and restarts the learning-rate schedule; a quarter of a phase's records "
+                                        "replay the rungs below it and those of the earlier phases; the steps add "
+                                        "up to --steps. Giving --data without --curriculum trains on --data instead")
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # flags --k, --d_r, ...
     windows: int = setting(8, "context windows C per pretraining text")
     tasks: list[str] = setting(list(TASKS), "self-supervised tasks, comma separated: completion,reconstruction "
@@ -296,7 +296,8 @@ class PretrainBatches:
 class CurriculumBatches:
     """The sft micro-batches of a --curriculum. When phase i starts, it makes steps_i x batch_size
     records of its Ladder rung (record j a function of the seed and j; the replayed share also
-    draws from the rungs of the earlier phases) and serves them through RecordBatches; the state is the number of micro-batches drawn and that phase's position."""
+    draws from the rungs of the earlier phases) and serves them through RecordBatches; the state
+    is the number of micro-batches drawn and that phase's position."""
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, w: int, rank=0, world=1):
         self.config, self.tokenizer, self.w, self.rank, self.world = config, tokenizer, w, rank, world

@@ -106,7 +106,8 @@ def test_bad_input(tmp_path, capsys):
     assert make_base.parse_args([]).out == str(ROOT / "data" / "tiny")
     with pytest.raises(SystemExit) as exit:
         cli.run(make_base.main, "make_base.py", ["--steps", "0"])
-    assert exit.value.code == 2 and capsys.readouterr().err == "make_base.py: error: --steps: expected at least 1, got 0\n"
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == "make_base.py: error: --steps: expected at least 1, got 0\n"
     # the script itself, run from elsewhere: one line on stderr, exit status 2, and no flag of train.py's
     done = subprocess.run([sys.executable, str(ROOT / "data" / "make_base.py"), "--k", "8"], capture_output=True,
                           text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
