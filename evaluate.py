@@ -176,6 +176,12 @@ def group_documents(documents: list[str], lengths: list[int], budget: int) -> li
     return groups
 
 
+def context_lengths(window: int) -> list[int]:
+    """StreamingQA's default context sizes: the paper's (Fig. 3, 512 to 32K tokens), or for a base
+    whose window is shorter than 512 tokens, half a window (of the tiny base) to eight windows."""
+    return [512, 1024, 2048, 4096, 8192, 16384, 32768] if window >= 512 else [128, 256, 512, 1024, 2048]
+
+
 def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], limit: int) -> list[Unit]:
     """The unique documents in order, joined by blank lines, grouped by token budget; every
     question of a group's documents asked of that group. `limit` caps questions per budget."""
@@ -517,7 +523,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=None,
                    help="MetaICL split config, {'train': [...], 'test': [...]} (default: <data>/config/world_to_world.json)")
     p.add_argument("--context_lengths", type=int, nargs="+", default=None,
-                   help="StreamingQA context sizes in tokens (default: 512 ... 32768; tiny base: 128 ... 2048)")
+                   help="StreamingQA context sizes in tokens (default: the paper's 512 ... 32768; for a base whose window "
+                        "is shorter than 512 tokens, such as the tiny one, 128 ... 2048)")
     p.add_argument("--facts", type=int, nargs="+", default=None,
                    help="recall: facts per context (default: 1 2 4 8 16 32 64)")
     p.add_argument("--shots", type=int, nargs="+", default=None, help="MetaICL K (default: 1 2 4 8 16)")
@@ -560,14 +567,12 @@ def parse_args(argv=None):
         if len(set(values)) != len(values):
             raise ValueError(f"--{name} {' '.join(map(str, values))}: a value is repeated")
     args.methods = methods
-    tiny = args.base is None
     if args.task == "recall" and args.data is not None:
         raise ValueError("--data: the recall probe makes its contexts (data/make_world.py's Ladder); it reads no data")
     defaults = {
         "base": str(ROOT / "data" / "tiny"), "generator": str(ROOT / "data" / "tiny" / "generator"),
         "data": str(ROOT / DEFAULT_DATA[args.task]) if args.task in DEFAULT_DATA else None,
         "shots": [1, 2, 4, 8, 16], "seeds": [100, 13, 21, 42, 87], "facts": [1, 2, 4, 8, 16, 32, 64],
-        "context_lengths": [128, 256, 512, 1024, 2048] if tiny else [512, 1024, 2048, 4096, 8192, 16384, 32768],
         "limit": {"streamingqa": 150, "metaicl": 20, "msc": 100, "recall": 60}[args.task],
         "max_new_tokens": MAX_NEW_TOKENS[args.task], "batch_size": 16, "ft_epochs": 20, "ft_lr": FT_LR[args.task],
         "ft_rank": 8, "seed": 0, "out": f"runs/eval/{args.task}"}
@@ -592,6 +597,7 @@ def main(argv=None) -> dict:
                          f"{model.args.max_seq_len} tokens")
     generator = AdapterGenerator.load(args.generator, model.args, device) if "adapter" in args.methods else None
     if args.task == "streamingqa":
+        args.context_lengths = args.context_lengths or context_lengths(model.args.max_seq_len)
         units = streamingqa_units(args.data, tokenizer, args.context_lengths, args.limit)
         column = "context_length"
     elif args.task == "metaicl":

@@ -110,6 +110,17 @@ def run(tiny: Path, task: str, out: str, *extra) -> dict:
     return evaluate.main(argv + list(extra))  # later flags win
 
 
+def test_streamingqa_lengths_follow_the_base_window(tiny):
+    """Any base directory with a short window (here 128 tokens) gets the tiny lengths, not only the
+    default one; a base with a long window gets the paper's."""
+    argv = ["--task", "streamingqa", "--base", str(tiny / "base"), "--data", str(tiny / "sqa.csv"),
+            "--out", str(tiny / "lengths"), "--device", "cpu", "--methods", "closed_book", "--limit", "1",
+            "--max_new_tokens", "2"]
+    rows = evaluate.main(argv)["rows"]
+    assert sorted({r["context_length"] for r in rows}) == [128, 256, 512, 1024, 2048]
+    assert evaluate.context_lengths(4096) == [512, 1024, 2048, 4096, 8192, 16384, 32768]
+
+
 @pytest.mark.parametrize("task", ["streamingqa", "metaicl", "msc"])
 def test_every_task_and_method_end_to_end(tiny, task):
     results = run(tiny, task, task)
