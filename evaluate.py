@@ -176,7 +176,7 @@ def group_documents(documents: list[str], lengths: list[int], budget: int) -> li
     return groups
 
 
-def context_lengths(window: int) -> list[int]:
+def default_context_lengths(window: int) -> list[int]:
     """StreamingQA's default context sizes: the paper's (Fig. 3, 512 to 32K tokens), or for a base
     whose window is shorter than 512 tokens, half a window (of the tiny base) to eight windows."""
     return [512, 1024, 2048, 4096, 8192, 16384, 32768] if window >= 512 else [128, 256, 512, 1024, 2048]
@@ -597,7 +597,7 @@ def main(argv=None) -> dict:
                          f"{model.args.max_seq_len} tokens")
     generator = AdapterGenerator.load(args.generator, model.args, device) if "adapter" in args.methods else None
     if args.task == "streamingqa":
-        args.context_lengths = args.context_lengths or context_lengths(model.args.max_seq_len)
+        args.context_lengths = args.context_lengths or default_context_lengths(model.args.max_seq_len)
         units = streamingqa_units(args.data, tokenizer, args.context_lengths, args.limit)
         column = "context_length"
     elif args.task == "metaicl":

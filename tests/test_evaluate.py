@@ -118,7 +118,7 @@ def test_streamingqa_lengths_follow_the_base_window(tiny):
             "--max_new_tokens", "2"]
     rows = evaluate.main(argv)["rows"]
     assert sorted({r["context_length"] for r in rows}) == [128, 256, 512, 1024, 2048]
-    assert evaluate.context_lengths(4096) == [512, 1024, 2048, 4096, 8192, 16384, 32768]
+    assert evaluate.default_context_lengths(4096) == [512, 1024, 2048, 4096, 8192, 16384, 32768]
 
 
 @pytest.mark.parametrize("task", ["streamingqa", "metaicl", "msc"])
