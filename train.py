@@ -66,9 +66,12 @@ class TrainConfig(LoopConfig):
                                         "on records of one rung of data/make_world.py's Ladder (fact, people, "
                                         "documents, streams, fewshot, tasks, dialogue) about the bundled world's "
                                         "train split (tasks: invented worlds), validates on its validation split, "
-                                        "and restarts the learning-rate schedule; a quarter of a phase's records "
-                                        "replay the rungs below it and those of the earlier phases; the steps add "
-                                        "up to --steps. Giving --data without --curriculum trains on --data instead")
+                                        "and restarts the learning-rate schedule; a share --replay of a phase's "
+                                        "records replay the rungs below it and those of the earlier phases; the "
+                                        "steps add up to --steps. Giving --data without --curriculum trains on "
+                                        "--data instead")
+    replay: float = setting(0.25, "sft --curriculum: the share of each phase's records drawn, in equal parts, "
+                                  "from the rungs below it on the ladder and those of the earlier phases")
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # flags --k, --d_r, ...
     windows: int = setting(8, "context windows C per pretraining text")
     tasks: list[str] = setting(list(TASKS), "self-supervised tasks, comma separated: completion,reconstruction "
@@ -85,6 +88,8 @@ class TrainConfig(LoopConfig):
         super().__post_init__()
         check_at_least(self, 1, ("windows",), "--")
         check_at_least(self, 0, ("epochs",), "--")
+        if not 0 <= self.replay <= 1:
+            raise ValueError(f"--replay {self.replay}: expected a share between 0 and 1")
         if not self.tasks or not set(self.tasks) <= set(TASKS) or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"--tasks {','.join(self.tasks)}: expected completion and/or reconstruction")
         if self.stage == "sft" and not self.init and not self.resume:
@@ -118,7 +123,7 @@ SFT_RELEASED = dict(lr=5e-5, epochs=2, batch_size=32)
 
 # Flags a stage has no use for, and why: giving one is an error rather than silently ignored.
 UNUSED_FLAGS = {
-    "pretrain": (("init", "epochs", "curriculum"), "it is for --stage sft"),
+    "pretrain": (("init", "epochs", "curriculum", "replay"), "it is for --stage sft"),
     "sft": ((*(f.name for f in fields(GeneratorConfig)), "windows", "tasks"),
             "the generator's settings come from --init, and --windows and --tasks are pretraining's"),
 }
@@ -152,6 +157,8 @@ def parse_args(argv=None) -> TrainConfig:
     if "data" in given and "curriculum" not in given:
         preset = {k: v for k, v in preset.items() if k != "curriculum"}  # --data replaces the ladder
     merged = {**defaults, **preset, **given}
+    if "replay" in given and not merged["curriculum"]:
+        raise ValueError("--replay is for --curriculum phases (records from --data are not replayed)")
     if merged["curriculum"]:
         if given.get("epochs"):
             raise ValueError("--epochs: a --curriculum sets the run's length by its phases' steps")
@@ -301,7 +308,7 @@ class CurriculumBatches:
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, w: int, rank=0, world=1):
         self.config, self.tokenizer, self.w, self.rank, self.world = config, tokenizer, w, rank, world
-        self.ladder, self.drawn, self.phase, self.batches = Ladder(), 0, None, None
+        self.ladder, self.drawn, self.phase, self.batches = Ladder(replay=config.replay), 0, None, None
 
     def examples(self, phase: int, split: str, n: int) -> list:
         """SFT examples of the first n records of a phase's rung that fit (split: train or validation)."""

@@ -222,19 +222,24 @@ def test_learning_rate_schedule():
     (["--curriculum", "fact:10", "--steps", "20"], "the --curriculum phases add up to 10 steps"),
     (["--curriculum", "fact:10", "--epochs", "2"], "a --curriculum sets the run's length"),
     (["--stage", "pretrain", "--curriculum", "fact:10"], "--curriculum is not used by --stage pretrain"),
+    (["--curriculum", "fact:10", "--replay", "1.5"], "--replay 1.5: expected a share between 0 and 1"),
+    (["--data", "records.jsonl", "--replay", "0.5"], "--replay is for --curriculum phases"),
 ])
 def test_curriculum_flag_errors(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train.parse_args(["--stage", "sft", *flags])
 
 
-def test_curriculum_replays_the_earlier_phases(world):
+@pytest.mark.parametrize("flags, low, high", [([], 0.05, 0.25), (["--replay", "0.75"], 0.6, 0.9),
+                                              (["--replay", "0"], 0.0, 0.0)])
+def test_curriculum_replays_the_earlier_phases(world, flags, low, high):
     """A phase's replayed records come from the rungs of the phases before it too: after
-    `dialogue`, about an eighth of the `fact` phase's records are dialogue sessions (long contexts)."""
-    config = train.parse_args(["--stage", "sft", "--curriculum", "dialogue:5,fact:5"])
+    `dialogue`, a share --replay of the `fact` phase's records (a quarter by default; `fact` has no
+    rung below it) are dialogue sessions, long contexts, where a fact fits one window."""
+    config = train.parse_args(["--stage", "sft", "--curriculum", "dialogue:5,fact:5", *flags])
     batches = train.CurriculumBatches(config, Tokenizer(world / "base" / "tokenizer.model"), w=64)
     fact_windows = [len(windows) for windows, _, _ in batches.examples(1, "train", 200)]
-    assert 0.05 < sum(n > 1 for n in fact_windows) / len(fact_windows) < 0.25  # a fact fits one window
+    assert low <= sum(n > 1 for n in fact_windows) / len(fact_windows) <= high
 
 
 def test_curriculum_run_resumes_bit_identically(world, tmp_path, monkeypatch):
