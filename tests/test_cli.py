@@ -2,6 +2,7 @@
 --device, peak memory, strict JSON)."""
 
 import argparse
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ def test_results_are_strict_json():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
 def test_peak_memory_sees_an_allocation():
+    gc.collect()  # so that no collection of earlier tests' garbage lowers the resident set inside the block
     with cli.PeakMemory(torch.device("cpu")) as memory:
         x = torch.ones(25 * 2**20)  # 100 MB, written so that every page is resident
         del x
