@@ -234,8 +234,8 @@ def test_curriculum_flag_errors(flags, message):
                                               (["--replay", "0"], 0.0, 0.0)])
 def test_curriculum_replays_the_earlier_phases(world, flags, low, high):
     """A phase's replayed records come from the rungs of the phases before it too: after
-    `dialogue`, a share --replay of the `fact` phase's records (a quarter by default; `fact` has no
-    rung below it) are dialogue sessions, long contexts, where a fact fits one window."""
+    `dialogue`, up to a share --replay of the `fact` phase's records (a quarter by default; `fact`
+    has no rung below it) are dialogue sessions, long contexts, where a fact fits one window."""
     config = train.parse_args(["--stage", "sft", "--curriculum", "dialogue:5,fact:5", *flags])
     batches = train.CurriculumBatches(config, Tokenizer(world / "base" / "tokenizer.model"), w=64)
     fact_windows = [len(windows) for windows, _, _ in batches.examples(1, "train", 200)]
