@@ -100,6 +100,7 @@ def test_peak_memory_sees_an_allocation():
             "    x = torch.ones(25 * 2**20)  # 100 MB, written so that every page is resident\n"
             "    del x\n"
             "print(memory.extra_mb, memory.peak_mb)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(cli.__file__).parent, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(cli.__file__).parent, capture_output=True,
+                         text=True, check=True)
     extra_mb, peak_mb = map(float, out.stdout.split())
     assert 95 < extra_mb < 110 and peak_mb >= extra_mb
