@@ -224,6 +224,7 @@ def test_learning_rate_schedule():
     (["--stage", "pretrain", "--curriculum", "fact:10"], "--curriculum is not used by --stage pretrain"),
     (["--curriculum", "fact:10", "--replay", "1.5"], "--replay 1.5: expected a share between 0 and 1"),
     (["--data", "records.jsonl", "--replay", "0.5"], "--replay is for --curriculum phases"),
+    (["--stage", "pretrain", "--replay", "0.5"], "--replay is not used by --stage pretrain"),
 ])
 def test_curriculum_flag_errors(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
