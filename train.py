@@ -70,7 +70,7 @@ class TrainConfig(LoopConfig):
                                         "records replay the rungs below it and those of the earlier phases; the "
                                         "steps add up to --steps. Giving --data without --curriculum trains on "
                                         "--data instead")
-    replay: float = setting(0.25, "sft --curriculum: the share of each phase's records drawn, in equal parts, "
+    replay: float = setting(Ladder.REPLAY, "sft --curriculum: the share of each phase's records drawn, in equal parts, "
                                   "from the rungs below it on the ladder and those of the earlier phases")
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # flags --k, --d_r, ...
     windows: int = setting(8, "context windows C per pretraining text")

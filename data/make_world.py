@@ -910,8 +910,9 @@ class Ladder:
     """
 
     RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue")
+    REPLAY = 0.25  # the default share of replayed records (train.py's --replay)
 
-    def __init__(self, config: WorldConfig = WorldConfig(), replay: float = 0.25):
+    def __init__(self, config: WorldConfig = WorldConfig(), replay: float = REPLAY):
         self.world, self.replay, self.config = build_world(config), replay, config
         self.tasks = build_tasks(self.world, config.seed)[0]
         self.users = {}  # split -> its MSC users (those of the msc_self_instruct files), made when first asked
