@@ -95,14 +95,27 @@ def rouge_l_recall(prediction: str, gold: str) -> float:
     return lcs[-1] / len(ref)
 
 
+ANSWER_FORMS = ("number", "word", "words")  # what the first gold is: digits, one word, several words
+
+
+def answer_form(gold: str) -> str:
+    """The form of an answer: a number (a year), one word (a city, a job) or several words (a
+    person's or an organisation's name): a weight update writes the pieces of a new name less
+    easily than one known token."""
+    words = normalize_answer(gold).split()
+    return "number" if gold.strip().isdigit() else "word" if len(words) == 1 else "words"
+
+
 def qa_scores(prediction: str, golds: list[str]) -> dict:
-    """F1, EM and ROUGE-L recall, best over all golds, and F1 / EM against the shortest gold
-    (the released StreamingQA evaluation's single reference)."""
+    """F1, EM and ROUGE-L recall, best over all golds; F1 / EM against the shortest gold (the
+    released StreamingQA evaluation's single reference); and the F1 again under the key
+    f1_<form> of the first gold's answer_form, so that a mean over queries gives F1 by form."""
     shortest = min(golds, key=len)
-    return {"f1": max(token_f1(prediction, g) for g in golds),
-            "em": max(exact_match(prediction, g) for g in golds),
+    f1 = max(token_f1(prediction, g) for g in golds)
+    return {"f1": f1, "em": max(exact_match(prediction, g) for g in golds),
             "rouge_l": max(rouge_l_recall(prediction, g) for g in golds),
-            "f1_shortest": token_f1(prediction, shortest), "em_shortest": exact_match(prediction, shortest)}
+            "f1_shortest": token_f1(prediction, shortest), "em_shortest": exact_match(prediction, shortest),
+            f"f1_{answer_form(golds[0])}": f1}
 
 
 def macro_f1(predictions: list[str], golds: list[str], options: list[str]) -> float:
@@ -448,6 +461,13 @@ def summarize(task: str, method: str, units: list[Unit], outputs: list[dict], wa
     return rows + [summary]
 
 
+def forms_tables(table, rows: list[dict], column: str) -> list[str]:
+    """F1 by answer form (answer_form), one table per form that some query has."""
+    return [table(f"f1_{form}", column, f"F1 on answers that are {name}")
+            for form, name in zip(ANSWER_FORMS, ("a number", "one word", "several words"))
+            if any(f"f1_{form}" in r for r in rows)]
+
+
 def markdown_tables(task: str, rows: list[dict]) -> str:
     """The printed tables: a metric by method and column, then the costs."""
     def table(metric, column, title, fmt="{:.1f}", scale=100.0, select=lambda r: True):
@@ -468,6 +488,7 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                                  ("gold_top1", "gold answer first among 16 of its kind (%)"))]
         parts.append(table("gold_rank", "context_length", "gold answer's normalised rank among 16 of "
                            "its kind (0 = always first, 0.5 = no information)", "{:.3f}", 1.0))
+        parts += forms_tables(table, rows, "context_length")
         column = "context_length"
     elif task == "metaicl":
         summary = lambda r: r["task"] == "all"
@@ -477,6 +498,7 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
         column = "shots"
     elif task == "recall":
         parts = [table(m, "facts", f"{name} by facts in the context") for m, name in (("em", "EM"), ("f1", "F1"))]
+        parts += forms_tables(table, rows, "facts")
         column = "facts"
     else:  # MSC: a row per method, a column per metric
         lines = [f"**MSC self-instruct ({rows[0]['examples']} users)**", "", "| method | F1 | EM | ROUGE-L recall |",

@@ -40,6 +40,21 @@ def test_squad_normalisation_f1_em():
     assert scores["f1_shortest"] == pytest.approx(2 / 3)  # P = 1/2, R = 1
 
 
+def test_f1_by_answer_form():
+    assert [evaluate.answer_form(g) for g in ("1984", "Tesk", "the plumber", "Ostrum Mills", "Maro Velin")] == \
+        ["number", "word", "word", "words", "words"]  # SQuAD's normalisation drops the article
+    scores = evaluate.qa_scores("Ostrum", ["Ostrum Mills", "Ostrum"])
+    assert scores["f1_words"] == scores["f1"] == 1.0  # the first gold's form, the F1 over all golds
+    assert "f1_word" not in scores and "f1_number" not in scores
+    rows = evaluate.summarize("recall", "m", [evaluate.Unit("", [], [], {"facts": 1})],
+                              [{"scores": [evaluate.qa_scores(p, [g]) for p, g in
+                                           (("1984", "1984"), ("1985", "1984"), ("Tesk", "Tesk"))],
+                                "tokens": 1, "flops": 1, "query_flops": 1, "storage_floats": None}], 1.0, None)
+    assert rows[0]["f1_number"] == 0.5 and rows[0]["f1_word"] == 1.0 and "f1_words" not in rows[0]
+    tables = evaluate.markdown_tables("recall", rows)
+    assert "F1 on answers that are a number" in tables and "several words" not in tables
+
+
 def test_rouge_l_recall():
     assert evaluate.rouge_l_recall("ostrum mills bakery", "the ostrum bakery") == 1.0  # LCS 2 of 2
     assert evaluate.rouge_l_recall("bakery ostrum", "ostrum bakery") == 0.5  # LCS 1 of 2
@@ -146,6 +161,7 @@ def test_every_task_and_method_end_to_end(tiny, task):
         assert rows["adapter", 300]["storage_floats"] == rows["adapter", 64]["storage_floats"]  # fixed size
         assert all(0 <= r["f1"] <= 1 and 0 <= r["gold_rank"] <= 1 for r in rows.values())
         assert "gold answer's normalised rank" in (out / "results.md").read_text()
+        assert "F1 on answers that are" in (out / "results.md").read_text()
     if task == "msc":  # a row per method, a column per metric
         assert "| method | F1 | EM | ROUGE-L recall |" in (out / "results.md").read_text()
         assert "| prompt_oracle |" in (out / "results.md").read_text()
