@@ -172,7 +172,7 @@ class Unit:
     key: dict  # where the unit belongs in the tables, e.g. {"context_length": 512}
     demos: list[tuple[str, str]] = field(default_factory=list)  # MetaICL: (input, output)
     options: list[str] = field(default_factory=list)  # MetaICL classification labels
-    candidates: list[list[str]] = field(default_factory=list)  # StreamingQA: per query, gold first
+    candidates: list[list[str]] = field(default_factory=list)  # per query, gold first (gold_ranks)
     oracle: str = ""  # MSC: the earlier session that holds the answer
 
 
@@ -237,7 +237,8 @@ def same_kind_answers(records) -> Callable[[QARecord], list[str]]:
 
 def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], limit: int) -> list[Unit]:
     """Every test task of the split config, seed and K: K demonstrations sampled from the seed's
-    k = 16 train file, `Input: x\\nOutput: y` joined by blank lines; `limit` test queries."""
+    k = 16 train file, `Input: x\\nOutput: y` joined by blank lines; `limit` test queries; for a
+    classification task, each query's candidates are its gold label, then the task's others."""
     units = []
     for task in read_metaicl_config(config_path)["test"]:
         for seed in seeds:
@@ -250,9 +251,11 @@ def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], lim
                     raise ValueError(f"--shots {k}: {task}_16_{seed}_train.jsonl has only {len(train)} demonstrations")
                 demos = random.Random(seed * 1000 + k).sample(train, k)
                 context = "\n\n".join(f"Input: {d.input}\nOutput: {d.output}" for d in demos)
+                options = test[0].options  # a classification task's labels: the gold's rank among them
                 units.append(Unit(context, [f"Input: {e.input}\nOutput:" for e in test],
                                   [[e.output] for e in test], {"task": task, "seed": seed, "shots": k},
-                                  [(d.input, d.output) for d in demos], test[0].options))
+                                  [(d.input, d.output) for d in demos], options,
+                                  [[e.output, *(o for o in options if o != e.output)] for e in test] if options else []))
     return units
 
 
@@ -422,9 +425,11 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
 def score_unit(unit: Unit, predictions: list[str], ranks: list[dict]) -> list[dict]:
     """Per-query scores: QA metrics (with the gold's rank where there are candidates), or
     MetaICL's case-insensitive exact match."""
+    ranks = ranks or [{}] * len(predictions)
     if unit.demos:
-        return [{"accuracy": float(p.strip().lower() == g[0].strip().lower())} for p, g in zip(predictions, unit.golds)]
-    return [{**qa_scores(p, g), **r} for p, g, r in zip(predictions, unit.golds, ranks or [{}] * len(predictions))]
+        return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()), **r}
+                for p, g, r in zip(predictions, unit.golds, ranks)]
+    return [{**qa_scores(p, g), **r} for p, g, r in zip(predictions, unit.golds, ranks)]
 
 
 def mean(values) -> float:
@@ -452,11 +457,13 @@ def summarize(task: str, method: str, units: list[Unit], outputs: list[dict], wa
         if mine[0][0].options:
             row["macro_f1"] = mean(macro_f1([p.strip() for p in o["predictions"]], [g[0] for g in u.golds], u.options)
                                    for u, o in mine)
+            row["label_top1"] = mean(mean(s["gold_top1"] for s in o["scores"]) for _, o in mine)
         rows.append(row)
     summary = {"method": method, "task": "all", "shots": units[0].key["shots"],
                "accuracy": mean(r["accuracy"] for r in rows),
                "classification_accuracy": mean(r["accuracy"] for r in rows if r["classification"]),
                "non_classification_accuracy": mean(r["accuracy"] for r in rows if not r["classification"]),
+               "classification_label_top1": mean(r["label_top1"] for r in rows if r["classification"]),
                **costs}
     return rows + [summary]
 
@@ -494,7 +501,9 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
         summary = lambda r: r["task"] == "all"
         parts = [table("accuracy", "shots", "accuracy (all test tasks) by K", select=summary),
                  table("classification_accuracy", "shots", "classification tasks", select=summary),
-                 table("non_classification_accuracy", "shots", "non-classification tasks", select=summary)]
+                 table("non_classification_accuracy", "shots", "non-classification tasks", select=summary),
+                 table("classification_label_top1", "shots", "classification tasks: the gold label scored above "
+                       "the task's other labels (%; the greedy answer may be none of them)", select=summary)]
         column = "shots"
     elif task == "recall":
         parts = [table(m, "facts", f"{name} by facts in the context") for m, name in (("em", "EM"), ("f1", "F1"))]

@@ -168,6 +168,19 @@ def test_every_task_and_method_end_to_end(tiny, task):
     if task == "metaicl":
         summary = [r for r in results["rows"] if r["task"] == "all"]
         assert {r["shots"] for r in summary} == {1, 2} and all("classification_accuracy" in r for r in summary)
+        assert all(0 <= r["classification_label_top1"] <= 1 for r in summary)
+        assert "the gold label scored above the task's other labels" in (out / "results.md").read_text()
+
+
+def test_metaicl_labels_are_the_rank_candidates():
+    units = evaluate.metaicl_units(WORLD / "metaicl", WORLD / "metaicl" / "config" / "world_to_world.json",
+                                   [4], [100], 5)
+    for u in units:
+        if u.options:  # the gold label first, then the task's other labels
+            assert all(c[0] == g[0] and sorted(c) == sorted(u.options) for c, g in zip(u.candidates, u.golds))
+        else:  # free-form outputs have no candidates
+            assert u.candidates == []
+    assert sum(bool(u.options) for u in units) == 3
 
 
 def test_gold_rank_equals_scoring_each_answer_alone(tiny):
