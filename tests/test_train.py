@@ -2,8 +2,8 @@
 resumption, checkpoints, DDP, bad input."""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -368,11 +368,19 @@ def test_ddp_equals_single_process(world, tmp_path):
     script = DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), argv=argv, base=str(world / "base"),
                                batches=str(tmp_path / "batches.pt"), out=str(tmp_path / "result.pt"))
     (tmp_path / "ddp.py").write_text(script)
+    # one intra-op thread on both sides: the thread count changes float rounding (torchrun gives each
+    # rank one thread when OMP_NUM_THREADS is unset; the reference would otherwise take all cores)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "ddp.py")], capture_output=True, text=True)
+                           str(tmp_path / "ddp.py")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     two = torch.load(tmp_path / "result.pt", weights_only=True)
-    one = one_ddp_step(argv, str(world / "base"), batches, 0, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = one_ddp_step(argv, str(world / "base"), batches, 0, 1)
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(two["loss"], one["loss"], atol=1e-6, rtol=1e-6)
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, atol=1e-6, rtol=1e-5)
