@@ -95,7 +95,8 @@ def rouge_l_recall(prediction: str, gold: str) -> float:
     return lcs[-1] / len(ref)
 
 
-ANSWER_FORMS = ("number", "word", "words")  # what the first gold is: digits, one word, several words
+# answer_form's forms, as the tables name them: digits, one word, several words
+ANSWER_FORMS = {"number": "a number", "word": "one word", "words": "several words"}
 
 
 def answer_form(gold: str) -> str:
@@ -471,7 +472,7 @@ def summarize(task: str, method: str, units: list[Unit], outputs: list[dict], wa
 def forms_tables(table, rows: list[dict], column: str) -> list[str]:
     """F1 by answer form (answer_form), one table per form that some query has."""
     return [table(f"f1_{form}", column, f"F1 on answers that are {name}")
-            for form, name in zip(ANSWER_FORMS, ("a number", "one word", "several words"))
+            for form, name in ANSWER_FORMS.items()
             if any(f"f1_{form}" in r for r in rows)]
 
 
