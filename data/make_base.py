@@ -1,9 +1,12 @@
-"""Trains the tiny base model of the embedded default from scratch, and writes it where model.py
-loads it: config.json and model.safetensors (the Hugging Face layout), tokenizer.model, and the
-run's log.jsonl and validation.jsonl, in --out (default: data/tiny).
+r"""Trains the tiny base model of the embedded default (from scratch, or on from a base with --init)
+and writes it where model.py loads it: config.json and model.safetensors (the Hugging Face
+layout), tokenizer.model, and the run's log.jsonl and validation.jsonl, in --out (default:
+data/tiny).
 
     python data/make_base.py --overwrite        # rebuilds data/tiny/'s base
     python data/make_base.py --out runs/base    # elsewhere; --resume continues an interrupted run
+    python data/make_base.py --init data/tiny --out runs/more_icl --seed 1 --lr 5e-4 --warmup 50 \
+        --steps 700 --icl_steps 699            # continues a base: a fresh optimiser, 700 few-shot-heavy steps
 
 The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-query attention,
 tied embeddings, a 256-token window). It never reads data/world/: it trains on text and on
@@ -53,6 +56,10 @@ class BaseConfig(LoopConfig):
     and the length of the last phase."""
     icl_steps: int = setting(0, "the last N of --steps are a phase of their own (warm-up and decay anew) that "
                                 "draws its records by ICL_MIX, few-shot heavy; 0: one phase")
+    init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
+                            "model.safetensors, the shape of TINY_BASE) instead of a fresh draw, with a fresh "
+                            "optimiser and schedule (give another --seed than its run's for new records); not "
+                            "read by --resume")
 
     def __post_init__(self):
         super().__post_init__()
@@ -222,6 +229,15 @@ def build(config: BaseConfig, proc: Process) -> Run:
     tokenizer = Tokenizer(TINY / "tokenizer.model", template="mistral")
     torch.manual_seed(config.seed)
     model = init_tiny_base(TINY_BASE).to(device)
+
+    def load_weights(path: Path) -> None:
+        loaded = Transformer.from_pretrained(path, device)
+        if loaded.args != TINY_BASE:
+            raise ValueError(f"{path}/config.json: a base of shape {loaded.args}; make_base.py trains {TINY_BASE}")
+        model.load_state_dict(loaded.state_dict())
+
+    if config.init and not config.resume:
+        load_weights(Path(config.init))
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
@@ -235,10 +251,6 @@ def build(config: BaseConfig, proc: Process) -> Run:
                  if r.context and len(tokenizer.encode(user_turn(r.prompt, r.context))) < VAL_PROMPT_TOKENS]
     questions = questions[:VAL_QUESTIONS]
     val = lambda phase: BaseBatches(TextStream(texts, tokenizer, L, 1), RecordBatches(fitting, 0, None), L)
-
-    def load_weights(path: Path) -> None:
-        model.load_state_dict(Transformer.from_pretrained(path, device).state_dict())
-
     return Run(name="base", module=model, forward=base_forward, train=FreshBatches(fresh, config, proc.world), val=val,
                validate=partial(validate, model=model, tokenizer=tokenizer, questions=questions, worlds=fresh.worlds),
                save_weights=model.save_pretrained, load_weights=load_weights, tasks=TASKS, per_task=True)

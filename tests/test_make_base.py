@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,18 @@ def test_the_last_phase_draws_by_icl_mix():
     again = make_base.FreshBatches(make_base.FreshSource(tok, 2048, seed=0), config)
     again.load_state_dict(state)
     assert again.drawn == 6 and again.fresh.count == state["fresh"]["count"]
+
+
+def test_init_continues_a_base(tmp_path, monkeypatch):
+    """--init starts from a base's weights: at a learning rate of almost 0 the run writes them
+    back unchanged (a fresh draw would differ everywhere); a base of another shape is refused."""
+    monkeypatch.setattr(make_base, "VAL_QUESTIONS", 4)
+    out = make_base.main(base_args(tmp_path / "more", "--init", str(make_base.TINY), "--lr", "1e-12"))
+    written, start = Transformer.from_pretrained(out).state_dict(), Transformer.from_pretrained(make_base.TINY).state_dict()
+    assert written.keys() == start.keys()
+    for name, tensor in start.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
+    other = Transformer(replace(make_base.TINY_BASE, n_layers=2))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains"):
+        make_base.main(base_args(tmp_path / "refused", "--init", str(tmp_path / "other")))
