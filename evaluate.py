@@ -10,20 +10,22 @@ and on an associative-recall probe (how many one-sentence facts a context can ca
 Every method runs on the same frozen base, as in the paper's experiments (§4):
   closed_book  the query alone;
   prompt       the context, then the query, in the prompt (cut from the left to the window);
-  prompt_oracle  MSC only: the earlier session that holds the answer, alone, then the query (an
-               upper bound that shows whether the base can read a dialogue at all);
+  prompt_oracle  the part of the context that holds the answer, alone, then the query (MSC: the
+               earlier session; StreamingQA: the question's document): an upper bound that shows
+               whether the base can read that kind of context at all;
   rag          the best 100-word chunk of the context by Okapi BM25, then the query;
   finetune     test-time LoRA fine-tuning of the base on the context (the paper's SFT /
                continual-pretraining baseline; few-shot fine-tuning for MetaICL);
   adapter      GenerativeAdapter: the context streams through the base once (paper §3), the
-               generated adapter is merged into the weights, the query goes in alone.
+               generated adapter is merged into the weights, the query goes in alone;
+  adapter_oracle  the adapter of the part that holds the answer alone (as prompt_oracle): set
+               against adapter, it shows what the rest of the context costs (not run by default).
 
 Writes, under --out: predictions_{method}.jsonl, results.json and results.md (the tables
 printed at the end). Reruns give the same predictions and metrics (fixed seeds, greedy).
 """
 
 import argparse
-import contextlib
 import json
 import math
 import random
@@ -48,8 +50,10 @@ from model import (Tokenizer, Transformer, answer_text, chat_example, check_at_l
                    generate, generation_flops, kv_cache_floats, load, module_widths, query_prompt)
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter")
-ORACLE_TASKS = ("msc",)  # the tasks whose units know which part of the context holds the answer
+METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter", "adapter_oracle")
+ORACLE_METHODS = ("prompt_oracle", "adapter_oracle")
+ADAPTER_METHODS = ("adapter", "adapter_oracle")
+ORACLE_TASKS = ("msc", "streamingqa")  # the tasks whose units know which part of the context holds the answer
 DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
                 "msc": "data/world/msc_self_instruct_test.jsonl"}
 MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20}
@@ -160,6 +164,14 @@ def best_chunk(query: str, context: str) -> str:
     return chunks[max(range(len(chunks)), key=scores.__getitem__)]  # first best on ties
 
 
+def wrong_in_context(prediction: str, golds: list[str], context: str) -> float:
+    """1.0 when the answer is wrong but occurs word for word in the context (normalised): another
+    fact of the context, such as another person's city, rather than an invented one."""
+    answer = normalize_answer(prediction)
+    wrong = answer and not any(exact_match(prediction, g) for g in golds)
+    return float(bool(wrong) and f" {answer} " in f" {normalize_answer(context)} ")
+
+
 # -----------------------------------------------------------------------------
 # Tasks: units of (context, queries), each answered by every method
 
@@ -174,7 +186,7 @@ class Unit:
     demos: list[tuple[str, str]] = field(default_factory=list)  # MetaICL: (input, output)
     options: list[str] = field(default_factory=list)  # MetaICL classification labels
     candidates: list[list[str]] = field(default_factory=list)  # per query, gold first (gold_ranks)
-    oracle: str = ""  # MSC: the earlier session that holds the answer
+    oracles: list[str] = field(default_factory=list)  # per query, the part of the context that holds its answer
 
 
 def group_documents(documents: list[str], lengths: list[int], budget: int) -> list[list[int]]:
@@ -212,7 +224,7 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
             if qa:
                 units.append(Unit("\n\n".join(documents[i] for i in group), [r.question for r in qa],
                                   [r.answers for r in qa], {"context_length": budget},
-                                  candidates=[alike(r) for r in qa]))
+                                  candidates=[alike(r) for r in qa], oracles=[r.document for r in qa]))
             asked += len(qa)
     return units
 
@@ -278,7 +290,7 @@ def msc_units(path, limit: int) -> list[Unit]:
     for record in read_msc(path)[:limit]:
         sessions = ["\n".join(f"{speaker}: {text}" for speaker, text in dialog) for dialog in record.previous_dialogs]
         units.append(Unit("\n\n".join(sessions), [record.question], [[record.answer]], {},
-                          oracle=oracle_session(sessions, record.answer)))
+                          oracles=[oracle_session(sessions, record.answer)]))
     return units
 
 
@@ -390,33 +402,52 @@ def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings
 def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer,
                generator: AdapterGenerator | None, settings: Settings) -> dict:
     """Answers a unit's queries with one method -> predictions, tokens, FLOPs, storage."""
-    args, extra_tokens, extra_flops, storage, adapter = model.args, 0, 0, None, None
-    scope = contextlib.nullcontext()
+    if method in ADAPTER_METHODS:
+        contexts = unit.oracles if method == "adapter_oracle" else [unit.context] * len(unit.queries)
+        return adapter_answers(unit, contexts, model, tokenizer, generator, settings)
+    args, extra_flops, storage, adapter = model.args, 0, None, None
     prompts = [query_prompt(tokenizer, q) for q in unit.queries]
     if method in ("prompt", "prompt_oracle", "rag"):
         budget = args.max_seq_len - settings.max_new_tokens
         if method == "rag":
             contexts = [best_chunk(q, unit.context) for q in unit.queries]
-        else:  # the whole context, or (MSC) the session that holds the answer
-            context = unit.context if method == "prompt" else unit.oracle
-            contexts = [context] * len(unit.queries)
-            storage = kv_cache_floats(args, len(context_ids(tokenizer, context)))
+        else:  # the whole context, or the part that holds each query's answer
+            contexts = [unit.context] * len(unit.queries) if method == "prompt" else unit.oracles
+            storage = mean(kv_cache_floats(args, len(context_ids(tokenizer, c))) for c in dict.fromkeys(contexts))
         prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
-    elif method == "adapter":  # stream the context, merge the adapter, ask the query alone (paper §4)
-        ids = context_ids(tokenizer, unit.context)
-        lora = generator.lora(generator.contextualize(model, ids))
-        extra_tokens = len(ids)
-        extra_flops = ingestion_flops(args, generator, [len(w) for w in split_windows(ids, generator.config.window)])
-        storage = lora_floats(lora)
-        scope = merged(model, lora)
-    with scope:
-        texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
-        ranks = gold_ranks(model, tokenizer, prompts, unit.candidates, adapter) if unit.candidates else []
-    return {"predictions": texts, "ranks": ranks, "tokens": tokens + extra_tokens, "flops": flops + extra_flops,
+    texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
+    ranks = gold_ranks(model, tokenizer, prompts, unit.candidates, adapter) if unit.candidates else []
+    return {"predictions": texts, "ranks": ranks, "tokens": tokens, "flops": flops + extra_flops,
             "query_flops": flops / len(unit.queries), "storage_floats": storage}
+
+
+def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokenizer: Tokenizer,
+                    generator: AdapterGenerator, settings: Settings) -> dict:
+    """GenerativeAdapter (paper §4): each distinct context of the queries streams through the base
+    once, its adapter is merged into the weights, and the queries about it go in alone."""
+    n = len(unit.queries)
+    out = {"predictions": [""] * n, "ranks": [{}] * n if unit.candidates else [], "tokens": 0, "flops": 0}
+    query_flops = 0
+    for context in dict.fromkeys(contexts):
+        asked = [i for i, c in enumerate(contexts) if c == context]
+        ids = context_ids(tokenizer, context)
+        lora = generator.lora(generator.contextualize(model, ids))
+        prompts = [query_prompt(tokenizer, unit.queries[i]) for i in asked]
+        with merged(model, lora):
+            texts, tokens, flops = answer(model, tokenizer, prompts, settings)
+            ranks = gold_ranks(model, tokenizer, prompts, [unit.candidates[i] for i in asked]) if unit.candidates else []
+        for j, i in enumerate(asked):
+            out["predictions"][i] = texts[j]
+            if ranks:
+                out["ranks"][i] = ranks[j]
+        out["tokens"] += tokens + len(ids)
+        windows = [len(w) for w in split_windows(ids, generator.config.window)]
+        out["flops"] += flops + ingestion_flops(model.args, generator, windows)
+        query_flops += flops
+    return {**out, "query_flops": query_flops / n, "storage_floats": lora_floats(lora)}
 
 
 # -----------------------------------------------------------------------------
@@ -424,13 +455,14 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
 
 
 def score_unit(unit: Unit, predictions: list[str], ranks: list[dict]) -> list[dict]:
-    """Per-query scores: QA metrics (with the gold's rank where there are candidates), or
-    MetaICL's case-insensitive exact match."""
+    """Per-query scores: QA metrics (with the gold's rank where there are candidates, and whether
+    a wrong answer was taken from the context), or MetaICL's case-insensitive exact match."""
     ranks = ranks or [{}] * len(predictions)
     if unit.demos:
         return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()), **r}
                 for p, g, r in zip(predictions, unit.golds, ranks)]
-    return [{**qa_scores(p, g), **r} for p, g, r in zip(predictions, unit.golds, ranks)]
+    return [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r}
+            for p, g, r in zip(predictions, unit.golds, ranks)]
 
 
 def mean(values) -> float:
@@ -496,6 +528,8 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                                  ("gold_top1", "gold answer first among 16 of its kind (%)"))]
         parts.append(table("gold_rank", "context_length", "gold answer's normalised rank among 16 of "
                            "its kind (0 = always first, 0.5 = no information)", "{:.3f}", 1.0))
+        parts.append(table("wrong_in_context", "context_length", "wrong answers that occur word for word in "
+                           "the context (% of questions: another document's fact)"))
         parts += forms_tables(table, rows, "context_length")
         column = "context_length"
     elif task == "metaicl":
@@ -535,8 +569,8 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
 # Flags that only a task or a method uses: giving one that the run does not use is an error.
 TASK_FLAGS = {"config": "metaicl", "shots": "metaicl", "seeds": "metaicl", "context_lengths": "streamingqa",
               "facts": "recall"}
-METHOD_FLAGS = {"generator": "adapter", "ft_epochs": "finetune", "ft_lr": "finetune", "ft_rank": "finetune",
-                "seed": "finetune"}
+METHOD_FLAGS = {"generator": ADAPTER_METHODS, "ft_epochs": ("finetune",), "ft_lr": ("finetune",),
+                "ft_rank": ("finetune",), "seed": ("finetune",)}
 
 
 def parse_args(argv=None):
@@ -545,8 +579,9 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc", "recall"],
                    help="the benchmark; recall: the associative-recall probe on generated facts")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default: all of {','.join(METHODS)}; prompt_oracle "
-                        "for --task msc only)")
+                   help=f"comma-separated methods (default: all of {','.join(METHODS)} but adapter_oracle, "
+                        f"and prompt_oracle for --task msc only; the oracle methods for --task "
+                        f"{' and '.join(ORACLE_TASKS)} only)")
     p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
     p.add_argument("--generator", default=None,
                    help="generator directory, generator.json + generator.safetensors (default: data/tiny/generator)")
@@ -575,19 +610,21 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed of the fine-tuning baseline (default: 0)")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods is not None else \
-        [m for m in METHODS if m != "prompt_oracle" or args.task in ORACLE_TASKS]
+        [m for m in METHODS if m != "adapter_oracle" and (m != "prompt_oracle" or args.task == "msc")]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise ValueError(f"--methods {args.methods}: expected some of {','.join(METHODS)}, each once")
-    if "prompt_oracle" in methods and args.task not in ORACLE_TASKS:
-        raise ValueError(f"--methods prompt_oracle: only --task {' or '.join(ORACLE_TASKS)} knows which part of "
-                         "the context holds the answer")
+    for m in ORACLE_METHODS:
+        if m in methods and args.task not in ORACLE_TASKS:
+            raise ValueError(f"--methods {m}: only --task {' or '.join(ORACLE_TASKS)} knows which part of "
+                             "the context holds the answer")
     for name, task in TASK_FLAGS.items():
         if getattr(args, name) is not None and args.task != task:
             raise ValueError(f"--{name} is not used by --task {args.task} (it is for --task {task})")
-    for name, method in METHOD_FLAGS.items():
-        if getattr(args, name) is not None and method not in methods:
-            raise ValueError(f"--{name} is only used by the {method} method, which --methods {args.methods} leaves out")
+    for name, users in METHOD_FLAGS.items():
+        if getattr(args, name) is not None and not set(users) & set(methods):
+            raise ValueError(f"--{name} is only used by the {' and '.join(users)} method{'s' * (len(users) > 1)}, "
+                             f"which --methods {args.methods} leaves out")
     for name in ("base", "generator", "data", "config", "out"):
         if getattr(args, name) == "":
             raise ValueError(f"--{name} is empty: expected a path")
@@ -627,7 +664,7 @@ def main(argv=None) -> dict:
     if args.max_new_tokens >= model.args.max_seq_len:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens}: expected fewer than the base's window, "
                          f"{model.args.max_seq_len} tokens")
-    generator = AdapterGenerator.load(args.generator, model.args, device) if "adapter" in args.methods else None
+    generator = AdapterGenerator.load(args.generator, model.args, device) if set(ADAPTER_METHODS) & set(args.methods) else None
     if args.task == "streamingqa":
         args.context_lengths = args.context_lengths or default_context_lengths(model.args.max_seq_len)
         units = streamingqa_units(args.data, tokenizer, args.context_lengths, args.limit)

@@ -141,7 +141,7 @@ def test_every_task_and_method_end_to_end(tiny, task):
     results = run(tiny, task, task)
     assert torch.is_grad_enabled()  # main() must not switch autograd off for the caller
     methods = {r["method"] for r in results["rows"]}
-    expected_methods = set(evaluate.METHODS) - ({"prompt_oracle"} if task != "msc" else set())
+    expected_methods = set(evaluate.METHODS) - {"adapter_oracle"} - ({"prompt_oracle"} if task != "msc" else set())
     assert methods == expected_methods
     out = tiny / task
     assert (out / "results.md").read_text().count("| adapter |") >= 2
@@ -162,6 +162,7 @@ def test_every_task_and_method_end_to_end(tiny, task):
         assert all(0 <= r["f1"] <= 1 and 0 <= r["gold_rank"] <= 1 for r in rows.values())
         assert "gold answer's normalised rank" in (out / "results.md").read_text()
         assert "F1 on answers that are" in (out / "results.md").read_text()
+        assert "wrong answers that occur word for word in the context" in (out / "results.md").read_text()
     if task == "msc":  # a row per method, a column per metric
         assert "| method | F1 | EM | ROUGE-L recall |" in (out / "results.md").read_text()
         assert "| prompt_oracle |" in (out / "results.md").read_text()
@@ -202,9 +203,9 @@ def test_msc_oracle_is_the_session_that_states_the_answer():
     units = evaluate.msc_units(WORLD / "msc_self_instruct_test.jsonl", 100)
     for unit in units:
         sessions = unit.context.split("\n\n")
-        assert unit.oracle in sessions
+        assert len(unit.oracles) == 1 and unit.oracles[0] in sessions
         stated = [s for s in sessions if re.search(rf"^Speaker 1: .*\b{re.escape(unit.golds[0][0])}\b", s, re.M)]
-        assert unit.oracle == stated[-1]  # the session where Speaker 1 says it
+        assert unit.oracles[0] == stated[-1]  # the session where Speaker 1 says it
     assert evaluate.oracle_session(["a b", "c d", "b c"], "b") == "b c"  # the latest on a tie
     assert evaluate.oracle_session(["a b", "c d"], "c d") == "c d"
 
@@ -212,11 +213,55 @@ def test_msc_oracle_is_the_session_that_states_the_answer():
 def test_oracle_prompt_holds_the_oracle_session_only(tiny, monkeypatch):
     model, tokenizer = evaluate.load(tiny / "base", "cpu")
     unit = evaluate.Unit("first session\n\nSpeaker 1: I have a dog named Rex.", ["What is my dog called?"],
-                         [["Rex"]], {}, oracle="Speaker 1: I have a dog named Rex.")
+                         [["Rex"]], {}, oracles=["Speaker 1: I have a dog named Rex."])
     asked = []
     monkeypatch.setattr(evaluate, "answer", lambda model, tok, prompts, *rest, **kw: asked.extend(prompts) or ([""], 1, 1))
     evaluate.run_method("prompt_oracle", unit, model, tokenizer, None, evaluate.Settings(2, 4, 0, 0.0, 1, 0))
-    assert asked == [query_prompt(tokenizer, unit.queries[0], unit.oracle)]
+    assert asked == [query_prompt(tokenizer, unit.queries[0], unit.oracles[0])]
+
+
+def test_wrong_in_context():
+    context = "Bram Tosk was born in Lovel.\n\nDira Fenn was born in New Tarn."
+    assert evaluate.wrong_in_context("New Tarn", ["Lovel"], context) == 1.0  # another person's city
+    assert evaluate.wrong_in_context("the new tarn.", ["Lovel"], context) == 1.0  # normalised as F1 is
+    assert evaluate.wrong_in_context("Lovel", ["Paris", "Lovel"], context) == 0.0  # right
+    assert evaluate.wrong_in_context("Paris", ["Lovel"], context) == 0.0  # not in the context
+    assert evaluate.wrong_in_context("Tar", ["Lovel"], context) == 0.0  # whole words only
+    assert evaluate.wrong_in_context("", ["Lovel"], context) == 0.0
+
+
+def test_streamingqa_oracle_is_the_questions_document():
+    records = {r.question: r for r in evaluate.read_streamingqa(WORLD / "streamingqa_test.csv")}
+    tokenizer = evaluate.Tokenizer(str(ROOT / "data" / "tiny" / "tokenizer.model"))
+    units = evaluate.streamingqa_units(WORLD / "streamingqa_test.csv", tokenizer, [256], 40)
+    for unit in units:
+        assert len(unit.oracles) == len(unit.queries)
+        for query, oracle in zip(unit.queries, unit.oracles):
+            assert oracle == records[query].document and oracle in unit.context
+
+
+def test_adapter_oracle_answers_each_query_from_its_own_part(tiny):
+    """adapter_oracle = the adapter method run on each query's oracle as the whole context, each
+    distinct oracle streamed once; an adapter of the same size."""
+    model, tokenizer = evaluate.load(tiny / "base", "cpu")
+    generator = AdapterGenerator.load(tiny / "gen", model.args, "cpu")
+    parts = ["Bram Tosk was born in Lovel.", "Dira Fenn works as a baker.", "Sela Moor lives in Tarn."]
+    queries = ["Where was Bram Tosk born?", "What is Dira Fenn's job?", "Where was Bram born?"]
+    golds = [["Lovel"], ["baker"], ["Lovel"]]
+    candidates = [["Lovel", "Tarn"], ["baker", "nurse"], ["Lovel", "Tarn"]]
+    unit = evaluate.Unit("\n\n".join(parts), queries, golds, {}, candidates=candidates,
+                         oracles=[parts[0], parts[1], parts[0]])
+    settings = evaluate.Settings(4, 4, 0, 0.0, 1, 0)
+    oracle = evaluate.run_method("adapter_oracle", unit, model, tokenizer, generator, settings)
+    for i in range(3):
+        alone = evaluate.Unit(unit.oracles[i], [queries[i]], [golds[i]], {}, candidates=[candidates[i]])
+        single = evaluate.run_method("adapter", alone, model, tokenizer, generator, settings)
+        assert oracle["predictions"][i] == single["predictions"][0]
+        assert oracle["ranks"][i] == single["ranks"][0]
+    streamed = sum(len(evaluate.context_ids(tokenizer, p)) for p in parts[:2])  # two distinct oracles, once each
+    assert oracle["tokens"] - streamed == evaluate.run_method("closed_book", unit, model, tokenizer, None, settings)["tokens"]
+    whole = evaluate.run_method("adapter", unit, model, tokenizer, generator, settings)
+    assert whole["storage_floats"] == oracle["storage_floats"]
 
 
 def test_same_kind_answers():
@@ -295,10 +340,11 @@ def test_numbers_out_of_range(flag, value, low):
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "rag,rag"], "--methods rag,rag: expected some of closed_book,prompt,prompt_oracle,rag,finetune,"
-                               "adapter, each once"),
-    (["--task", "streamingqa", "--methods", "prompt_oracle"], "--methods prompt_oracle: only --task msc knows"),
-    (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter method, which "
-                                                         "--methods closed_book leaves out"),
+                               "adapter,adapter_oracle, each once"),
+    (["--task", "metaicl", "--methods", "prompt_oracle"], "--methods prompt_oracle: only --task msc or streamingqa"),
+    (["--task", "recall", "--methods", "adapter_oracle"], "--methods adapter_oracle: only --task msc or streamingqa"),
+    (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter and adapter_oracle "
+                                                         "methods, which --methods closed_book leaves out"),
     (["--methods", "adapter", "--ft_rank", "4"], "--ft_rank is only used by the finetune method"),
     (["--shots", "4"], r"--shots is not used by --task msc \(it is for --task metaicl\)"),
     (["--context_lengths", "128"], "--context_lengths is not used by --task msc"),
