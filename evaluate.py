@@ -340,10 +340,13 @@ def answer(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], s
 
 
 def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
-               candidates: list[list[str]], adapter=None) -> list[dict]:
+               candidates: list[list[str]], adapter=None, per_token: bool = False) -> list[dict]:
     """A finer signal than F1: where the gold's log-probability ranks among answers of the same
     kind after each prompt. Per query: gold_rank, 0 when the gold is first and 1 when last
-    (0.5 on average when the model knows nothing of which entity it is), and gold_top1."""
+    (0.5 on average when the model knows nothing of which entity it is), and gold_top1.
+    per_token scores an answer by its mean log-probability per token instead of the sum, as
+    MetaICL scores a task's options (facebookresearch/MetaICL, metaicl/model.py, run_model): a sum
+    favours the label of fewest tokens whatever the demonstrations show."""
     device, max_len = model.lm_head.weight.device, model.args.max_seq_len
     ranks = []
     for prompt, answers in zip(prompts, candidates):
@@ -359,6 +362,8 @@ def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]
             targets[i, len(row) - len(a) - 1:len(row) - 1] = torch.tensor(a)
         logits = model(tokens.to(device), adapter=adapter).float()
         logp = -F.cross_entropy(logits.mT, targets.to(device), ignore_index=-100, reduction="none").sum(1)
+        if per_token:
+            logp = logp / torch.tensor([len(a) for a in ids], device=device)
         above = int((logp[1:] > logp[0]).sum())
         ranks.append({"gold_rank": above / (len(answers) - 1), "gold_top1": float(above == 0)})
     return ranks
@@ -419,7 +424,8 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
     texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
-    ranks = gold_ranks(model, tokenizer, prompts, unit.candidates, adapter) if unit.candidates else []
+    ranks = gold_ranks(model, tokenizer, prompts, unit.candidates, adapter, per_token=bool(unit.demos)) \
+        if unit.candidates else []
     return {"predictions": texts, "ranks": ranks, "tokens": tokens, "flops": flops + extra_flops,
             "query_flops": flops / len(unit.queries), "storage_floats": storage}
 
@@ -438,7 +444,8 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
         prompts = [query_prompt(tokenizer, unit.queries[i]) for i in asked]
         with merged(model, lora):
             texts, tokens, flops = answer(model, tokenizer, prompts, settings)
-            ranks = gold_ranks(model, tokenizer, prompts, [unit.candidates[i] for i in asked]) if unit.candidates else []
+            ranks = gold_ranks(model, tokenizer, prompts, [unit.candidates[i] for i in asked],
+                               per_token=bool(unit.demos)) if unit.candidates else []
         for j, i in enumerate(asked):
             out["predictions"][i] = texts[j]
             if ranks:

@@ -568,11 +568,13 @@ def fact_templates(entity, relations: list[str], rng: random.Random) -> list[str
 
 
 def write_document(world: World, split: Split, entity, style: str, rng: random.Random,
-                   distractors: bool = True) -> Document:
+                   distractors: bool = True, states: str | None = None) -> Document:
     """One document (~30-90 words) stating 2-4 facts of an entity, with 1-2 distractor entities
-    (or, with distractors=False, about that entity alone)."""
+    (or, with distractors=False, about that entity alone); `states` names a fact it must state."""
     facts = facts_of(world, entity)
     stated = rng.sample(list(facts), rng.randint(2, min(4, len(facts))))
+    if states and states not in stated:
+        stated[0] = states
     related = related_mention(world, entity, rng) if distractors else None
     links, link_fact = ([related[0]], related[1]) if related else ([], None)
     if distractors and (not links or rng.random() < 0.5):
@@ -899,17 +901,19 @@ class Ladder:
       tasks      1-12 demonstrations of a task invented for the record about invented entities, then
                  a query (data/fresh_worlds.py, as the tiny base learns in-context learning): a
                  task of its own in every record, so only the context tells what to answer;
-      dialogue   an MSC user's earlier sessions, then a question about one of their own facts.
+      dialogue   an MSC user's earlier sessions, then a question about one of their own facts;
+      alike      2-4 documents about people, every one stating the fact asked about (a birthplace
+                 beside birthplaces): telling apart values of one kind by whose they are.
 
-    In "fact" and "people" the values are drawn at random for each record (a person's birthplace
-    differs between records), so the answer can only come from the context. Names come from the
-    split asked for: train records name train entities (and train tasks and MSC users) only,
+    In "fact", "people" and "alike" the values are drawn at random for each record (a person's
+    birthplace differs between records), so the answer can only come from the context. Names come
+    from the split asked for: train records name train entities (and train tasks and MSC users) only,
     validation records validation ones. A share `replay` of each rung's records are drawn from the
     rungs below it and the rungs `climbed` before it (a curriculum's earlier phases), so that they
     are not forgotten. Record i of a rung is a function of (rung, split, key, climbed).
     """
 
-    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue")
+    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue", "alike")
     REPLAY = 0.25  # the default share of replayed records (train.py's --replay)
 
     def __init__(self, config: WorldConfig = WorldConfig(), replay: float = REPLAY):
@@ -944,6 +948,8 @@ class Ladder:
             user, facts = rng.choice(self.users[split_name])
             fact = rng.choice(facts)
             return {"context": dialogue_text(user), "prompt": fact.question, "answer": fact.answer}
+        if rung == "alike":
+            return self._alike(split, rng)
         documents = documents_about(self.world, split, rng.randint(1, 3) if rung == "documents"
                                     else rng.randint(3, 8), rng)
         phrasings, answers = rng.choice(rng.choice(documents).questions)
@@ -956,14 +962,27 @@ class Ladder:
         rng = random.Random(f"ladder/recall/{split_name}/{n}/{key}")
         return self._facts(self.world.splits[split_name], rng, people=n, facts=1)
 
+    def _alike(self, split: Split, rng: random.Random) -> dict:
+        """Documents about 2-4 people with random facts, each stating the one asked about of one."""
+        asked = rng.choice(LADDER_FACTS)
+        people = [self._random_facts(person, split, rng) for person in rng.sample(split.people, rng.randint(2, 4))]
+        documents = [write_document(self.world, split, p, rng.choice(list(STYLES)), rng, states=asked)
+                     for p in people]
+        phrasings, answers = facts_of(self.world, rng.choice(people))[asked]
+        return {"context": "\n\n".join(d.text for d in documents), "prompt": rng.choice(phrasings),
+                "answer": answers[0]}
+
+    def _random_facts(self, person: Person, split: Split, rng: random.Random) -> Person:
+        """The person with LADDER_FACTS drawn at random: values only a context can hold."""
+        return replace(person, birth_city=rng.choice(list(self.world.cities)), birth_year=rng.randint(1920, 2005),
+                       job=rng.choice(JOBS), employer=rng.choice(split.organisations).name)
+
     def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> dict:
         """Sentences stating random facts of `people` people (`facts` each, or 1-3), and a
         question about one of them."""
-        cities = list(self.world.cities)
         sentences, questions = [], []
         for person in rng.sample(split.people, people):
-            person = replace(person, birth_city=rng.choice(cities), birth_year=rng.randint(1920, 2005),
-                             job=rng.choice(JOBS), employer=rng.choice(split.organisations).name)
+            person = self._random_facts(person, split, rng)
             slots = {**fact_slots(self.world, person), **subject_slots(person, by_name=True)}
             stated = rng.sample(LADDER_FACTS, facts or rng.randint(1, 3))
             sentences += [rng.choice(PERSON_SENTENCES[(r,)]).format(**slots) for r in stated]

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -293,6 +294,29 @@ def test_ladder_rungs():
                    for u in train_users) for r in dialogue[:10])  # the train file's users
     with pytest.raises(ValueError, match="ladder rung 'essays': expected one of"):
         ladder.record("essays", "train", "0")
+
+
+def test_ladder_alike_rung_states_the_asked_kind_for_every_person():
+    """Rung "alike": 2-4 documents about people with random facts, each stating the fact asked."""
+    ladder = make_world.Ladder(replay=0.0)
+    world, split = ladder.world, ladder.world.splits["train"]
+    for i in range(40):
+        rng = random.Random(i)
+        document = make_world.write_document(world, split, rng.choice(split.people), "news", rng, states="job")
+        assert any(p.startswith("What does ") for phrasings, _ in document.questions for p in phrasings)
+    records = [ladder.record("alike", "train", str(i)) for i in range(80)]
+    true = 0
+    for r in records:
+        documents = r["context"].split("\n\n")
+        assert 2 <= len(documents) <= 4 and r["answer"] in r["context"]
+        named = [p for p in split.people if p.name in r["prompt"]]
+        assert len(named) == 1 and sum(named[0].name in d for d in documents) >= 1
+        facts = make_world.facts_of(world, named[0])
+        true += any(r["answer"] in answers for _, answers in facts.values())
+    assert true < len(records) / 3  # the values are drawn anew, not the world's
+    years = [r for r in records if r["prompt"].startswith(("When was", "In what year", "What year"))]
+    assert years and all(len(re.findall(r"\b(?:19|20)\d\d\b", r["context"])) >= len(r["context"].split("\n\n"))
+                         for r in years)
 
 
 # -----------------------------------------------------------------------------

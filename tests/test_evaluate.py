@@ -184,17 +184,18 @@ def test_metaicl_labels_are_the_rank_candidates():
     assert sum(bool(u.options) for u in units) == 3
 
 
-def test_gold_rank_equals_scoring_each_answer_alone(tiny):
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gold_rank_equals_scoring_each_answer_alone(tiny, per_token):
     model, tokenizer = evaluate.load(tiny / "base", "cpu")
     prompts = [query_prompt(tokenizer, q) for q in ("Where was Maro Velin born?", "When?")]
     candidates = [["Tesk", "Brohoum", "Vaihen 2", "Gofom"], ["1984", "2001", "1962"]]
-    ranks = evaluate.gold_ranks(model, tokenizer, prompts, candidates)
+    ranks = evaluate.gold_ranks(model, tokenizer, prompts, candidates, per_token=per_token)
     for prompt, answers, rank in zip(prompts, candidates, ranks):
         logp = []
         for a in answers:  # one unpadded sequence per answer
             ids = tokenizer.encode(a, bos=False)
             lp = model(torch.tensor([prompt + ids]))[0].log_softmax(-1)
-            logp.append(sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)))
+            logp.append(sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)) / (len(ids) if per_token else 1))
         above = sum(x > logp[0] for x in logp[1:])
         assert rank == {"gold_rank": above / (len(answers) - 1), "gold_top1": float(above == 0)}
 
