@@ -1,9 +1,11 @@
 """Evaluates GenerativeAdapter against the paper's baselines on StreamingQA, MetaICL and MSC,
-and on an associative-recall probe (how many one-sentence facts a context can carry).
+on an associative-recall probe (how many one-sentence facts a context can carry) and on an
+in-context look-up probe (whether demonstrations are read at all).
 
     python evaluate.py --task streamingqa            # bundled world + tiny base + tiny generator
     python evaluate.py --task recall --facts 1 4 16 64 --methods prompt,adapter
     python evaluate.py --task metaicl --methods closed_book,prompt,adapter
+    python evaluate.py --task lookup --query repeat --methods prompt
     python evaluate.py --task msc --base /models/Mistral-7B-Instruct-v0.2 \\
         --generator runs/mistral-sft/checkpoint --data /data/msc_self_instruct.jsonl --device cuda
 
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+from data.fresh_worlds import FreshWorlds
 from data.make_world import Ladder
 from data.readers import QARecord, read_metaicl, read_metaicl_config, read_msc, read_streamingqa
 from generator import AdapterGenerator, LoRA, ingestion_flops, lora_floats, merged, split_windows
@@ -56,11 +59,11 @@ ADAPTER_METHODS = ("adapter", "adapter_oracle")
 ORACLE_TASKS = ("msc", "streamingqa")  # the tasks whose units know which part of the context holds the answer
 DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
                 "msc": "data/world/msc_self_instruct_test.jsonl"}
-MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20}
+MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20, "lookup": 10}
 # The finetune baseline's learning rate (20 epochs), chosen on validation data: the StreamingQA
 # validation CSV at 128 tokens for documents (F1 35.3 at 1e-2, 5.0 at 1e-3), six MetaICL train
 # tasks for demonstrations (accuracy at K = 4 / 16: 30.0 / 40.8 at 1e-3, 37.5 / 21.7 at 1e-2).
-FT_LR = {"streamingqa": 1e-2, "metaicl": 1e-3, "msc": 1e-2, "recall": 1e-2}
+FT_LR = {"streamingqa": 1e-2, "metaicl": 1e-3, "msc": 1e-2, "recall": 1e-2, "lookup": 1e-3}
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -284,6 +287,20 @@ def recall_units(facts: list[int], limit: int) -> list[Unit]:
     return units
 
 
+def lookup_units(shots: list[int], repeat: bool, limit: int) -> list[Unit]:
+    """The in-context look-up probe: for each K in `shots`, `limit` invented classifications of K
+    demonstrations whose query's key is among theirs (repeat: whose query is one of their inputs),
+    as MetaICL units (data/fresh_worlds.py's FreshWorlds.lookup)."""
+    worlds, units = FreshWorlds(), []
+    for k in shots:
+        for i in range(limit):
+            r = worlds.lookup(k, repeat, str(i))
+            context = "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in r["demos"])
+            units.append(Unit(context, [f"Input: {r['query']}\nOutput:"], [[r["answer"]]], {"shots": k},
+                              r["demos"], r["labels"], [[r["answer"], *(o for o in r["labels"] if o != r["answer"])]]))
+    return units
+
+
 def msc_units(path, limit: int) -> list[Unit]:
     """One unit per user: the earlier sessions as `Speaker i: text` lines, then the question."""
     units = []
@@ -466,8 +483,9 @@ def score_unit(unit: Unit, predictions: list[str], ranks: list[dict]) -> list[di
     a wrong answer was taken from the context), or MetaICL's case-insensitive exact match."""
     ranks = ranks or [{}] * len(predictions)
     if unit.demos:
-        return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()), **r}
-                for p, g, r in zip(predictions, unit.golds, ranks)]
+        majority = Counter(y for _, y in unit.demos).most_common(1)[0][0]
+        return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()),
+                 "majority_label": float(majority == g[0]), **r} for p, g, r in zip(predictions, unit.golds, ranks)]
     return [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r}
             for p, g, r in zip(predictions, unit.golds, ranks)]
 
@@ -547,6 +565,11 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                  table("classification_label_top1", "shots", "classification tasks: the gold label scored above "
                        "the task's other labels (%; the greedy answer may be none of them)", select=summary)]
         column = "shots"
+    elif task == "lookup":
+        parts = [table("accuracy", "shots", "accuracy by demonstrations in the context"),
+                 table("majority_label", "shots", "a reader that answers the demonstrations' most frequent label"),
+                 table("gold_top1", "shots", "the gold label scored above the context's other labels (%)")]
+        column = "shots"
     elif task == "recall":
         parts = [table(m, "facts", f"{name} by facts in the context") for m, name in (("em", "EM"), ("f1", "F1"))]
         parts += forms_tables(table, rows, "facts")
@@ -574,8 +597,8 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
 
 
 # Flags that only a task or a method uses: giving one that the run does not use is an error.
-TASK_FLAGS = {"config": "metaicl", "shots": "metaicl", "seeds": "metaicl", "context_lengths": "streamingqa",
-              "facts": "recall"}
+TASK_FLAGS = {"config": ("metaicl",), "shots": ("metaicl", "lookup"), "seeds": ("metaicl",),
+              "context_lengths": ("streamingqa",), "facts": ("recall",), "query": ("lookup",)}
 METHOD_FLAGS = {"generator": ADAPTER_METHODS, "ft_epochs": ("finetune",), "ft_lr": ("finetune",),
                 "ft_rank": ("finetune",), "seed": ("finetune",)}
 
@@ -583,8 +606,9 @@ METHOD_FLAGS = {"generator": ADAPTER_METHODS, "ft_epochs": ("finetune",), "ft_lr
 def parse_args(argv=None):
     """The flags, checked (ValueError naming the flag), with defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__, epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc", "recall"],
-                   help="the benchmark; recall: the associative-recall probe on generated facts")
+    p.add_argument("--task", required=True, choices=["streamingqa", "metaicl", "msc", "recall", "lookup"],
+                   help="the benchmark; recall: the associative-recall probe on generated facts; lookup: the "
+                        "in-context look-up probe on invented classifications")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default: all of {','.join(METHODS)} but adapter_oracle, "
                         f"and prompt_oracle for --task msc only; the oracle methods for --task "
@@ -601,13 +625,18 @@ def parse_args(argv=None):
                         "is shorter than 512 tokens, such as the tiny one, 128 ... 2048)")
     p.add_argument("--facts", type=int, nargs="+", default=None,
                    help="recall: facts per context (default: 1 2 4 8 16 32 64)")
-    p.add_argument("--shots", type=int, nargs="+", default=None, help="MetaICL K (default: 1 2 4 8 16)")
+    p.add_argument("--shots", type=int, nargs="+", default=None,
+                   help="MetaICL K (default: 1 2 4 8 16); lookup: demonstrations per context (default: 2 4 8)")
+    p.add_argument("--query", choices=["key", "repeat"], default=None,
+                   help="lookup: the query shares its key with a demonstration (key, default) or repeats a "
+                        "demonstration's input word for word (repeat: copying is all it takes)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="MetaICL seeds of the train files (default: 100 13 21 42 87)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per context length "
-                   "(StreamingQA), test inputs per task (MetaICL), users (MSC) or contexts per number of facts "
-                   "(recall) (default: 150, 20, 100, 60)")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="answer length (default: 20; MetaICL 10)")
+                   "(StreamingQA), test inputs per task (MetaICL), users (MSC), contexts per number of facts "
+                   "(recall) or per K (lookup) (default: 150, 20, 100, 60, 100)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="answer length (default: 20; MetaICL and lookup 10)")
     p.add_argument("--batch_size", type=int, default=None, help="queries generated together (default: 16)")
     p.add_argument("--ft_epochs", type=int, default=None, help="finetune: epochs over the context (default: 20)")
     p.add_argument("--ft_lr", type=float, default=None, help="finetune: AdamW learning rate (default: 1e-3 for metaicl, 1e-2 otherwise)")
@@ -625,9 +654,9 @@ def parse_args(argv=None):
         if m in methods and args.task not in ORACLE_TASKS:
             raise ValueError(f"--methods {m}: only --task {' or '.join(ORACLE_TASKS)} knows which part of "
                              "the context holds the answer")
-    for name, task in TASK_FLAGS.items():
-        if getattr(args, name) is not None and args.task != task:
-            raise ValueError(f"--{name} is not used by --task {args.task} (it is for --task {task})")
+    for name, tasks in TASK_FLAGS.items():
+        if getattr(args, name) is not None and args.task not in tasks:
+            raise ValueError(f"--{name} is not used by --task {args.task} (it is for --task {' and '.join(tasks)})")
     for name, users in METHOD_FLAGS.items():
         if getattr(args, name) is not None and not set(users) & set(methods):
             raise ValueError(f"--{name} is only used by the {' and '.join(users)} method{'s' * (len(users) > 1)}, "
@@ -643,13 +672,15 @@ def parse_args(argv=None):
         if len(set(values)) != len(values):
             raise ValueError(f"--{name} {' '.join(map(str, values))}: a value is repeated")
     args.methods = methods
-    if args.task == "recall" and args.data is not None:
-        raise ValueError("--data: the recall probe makes its contexts (data/make_world.py's Ladder); it reads no data")
+    if args.task in ("recall", "lookup") and args.data is not None:
+        raise ValueError(f"--data: the {args.task} probe makes its contexts (data/make_world.py's Ladder, "
+                         "data/fresh_worlds.py); it reads no data")
     defaults = {
         "base": str(ROOT / "data" / "tiny"), "generator": str(ROOT / "data" / "tiny" / "generator"),
         "data": str(ROOT / DEFAULT_DATA[args.task]) if args.task in DEFAULT_DATA else None,
-        "shots": [1, 2, 4, 8, 16], "seeds": [100, 13, 21, 42, 87], "facts": [1, 2, 4, 8, 16, 32, 64],
-        "limit": {"streamingqa": 150, "metaicl": 20, "msc": 100, "recall": 60}[args.task],
+        "shots": [2, 4, 8] if args.task == "lookup" else [1, 2, 4, 8, 16], "seeds": [100, 13, 21, 42, 87],
+        "facts": [1, 2, 4, 8, 16, 32, 64], "query": "key",
+        "limit": {"streamingqa": 150, "metaicl": 20, "msc": 100, "recall": 60, "lookup": 100}[args.task],
         "max_new_tokens": MAX_NEW_TOKENS[args.task], "batch_size": 16, "ft_epochs": 20, "ft_lr": FT_LR[args.task],
         "ft_rank": 8, "seed": 0, "out": f"runs/eval/{args.task}"}
     for name, value in defaults.items():
@@ -682,6 +713,9 @@ def main(argv=None) -> dict:
     elif args.task == "recall":
         units = recall_units(args.facts, args.limit)
         column = "facts"
+    elif args.task == "lookup":
+        units = lookup_units(args.shots, args.query == "repeat", args.limit)
+        column = "shots"
     else:
         units = msc_units(args.data, args.limit)
         column = None

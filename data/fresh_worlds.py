@@ -27,6 +27,7 @@ Every record is a function of its key.
 """
 
 import random
+from dataclasses import replace
 
 from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, ORG_SENTENCES, PERSON_SENTENCES, STYLES, Event,
                              NameMaker, Organisation, Person, Split, Task, World, WorldConfig, build_split,
@@ -250,6 +251,33 @@ class FreshWorlds:
         context = "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in examples[:-1])
         return {"kind": "fewshot", "context": context, "prompt": f"Input: {examples[-1][0]}\nOutput:",
                 "answer": examples[-1][1], "follow_ups": []}
+
+    def lookup(self, shots: int, repeat: bool, key: str) -> dict:
+        """An in-context look-up probe (evaluate.py --task lookup; never trained on): `shots`
+        demonstrations of a classification invented for the record, a key of the input (a job, a
+        city, ...) mapped to arbitrary labels, whose keys take 2-4 values (1 for K = 1), each shown,
+        then a query whose key is among the demonstrations' (repeat: whose input is one
+        demonstration's, word for word).
+        A reader that finds the query's key among the demonstrations answers every query.
+        Returns {"demos": [(input, output), ...], "query", "answer", "labels"}."""
+        rng = random.Random(f"fresh/lookup/{shots}/{repeat}/{key}")
+        world, split = self._fresh(rng, self.SIZES)
+        pool = rng.choice(("people", "people", "organisations", "events"))
+        field, (fact, value) = rng.choice([(k, v) for k, v in KEYS[pool].items() if v[0]])  # keys an input states
+        entities = rng.sample(getattr(split, pool), shots + 1)
+        values = list(dict.fromkeys(value(e) for e in entities))[:min(shots, rng.randint(2, 4))]
+        keys = values + [rng.choice(values) for _ in range(shots - len(values))]  # every value shown
+        rng.shuffle(keys)
+        entities = [replace(e, **{field: v}) for e, v in zip(entities, keys + [rng.choice(values)])]
+        names = self._names(rng)
+        labels = []
+        while len(labels) < len(values):
+            label = names.word() if rng.random() < 0.3 else rng.choice(LABELS)
+            labels += [label] if label not in labels else []
+        mapping = dict(zip(values, labels))
+        examples = [(input_sentence(world, e, [fact], rng), mapping[value(e)]) for e in entities]
+        query, answer = rng.choice(examples[:-1]) if repeat else examples[-1]
+        return {"demos": examples[:-1], "query": query, "answer": answer, "labels": labels}
 
     def invented_task(self, world: World, names: NameMaker, rng: random.Random, pool: str,
                       entities: list) -> tuple[Task, list[tuple[str, str]]]:

@@ -292,6 +292,35 @@ def test_recall_probe(tiny):
         evaluate.parse_args(["--task", "streamingqa", "--facts", "4"])
 
 
+def test_lookup_probe(tiny):
+    """Each context shows every label of its invented classification; the query's key is among the
+    demonstrations' (repeat: its input is one of theirs), so a reader that looks it up is always right."""
+    for repeat in (False, True):
+        units = evaluate.lookup_units([1, 4, 8], repeat, 20)
+        assert [u.key["shots"] for u in units] == [1] * 20 + [4] * 20 + [8] * 20
+        for u in units:
+            outputs = [y for _, y in u.demos]
+            assert len(u.demos) == u.key["shots"] and sorted(set(outputs)) == sorted(u.options)
+            assert (len(u.options) == 1) == (u.key["shots"] == 1) and len(u.options) <= 4
+            assert u.candidates == [[u.golds[0][0], *(o for o in u.options if o != u.golds[0][0])]]
+            query = u.queries[0].removeprefix("Input: ").removesuffix("\nOutput:")
+            if repeat:
+                assert (query, u.golds[0][0]) in u.demos
+            else:  # the demonstrations that share a word of the query's key show its label
+                assert any(y == u.golds[0][0] for _, y in u.demos)
+        assert evaluate.lookup_units([4], repeat, 3)[2].context == units[22].context  # a function of (K, i)
+    key_units = evaluate.lookup_units([8], False, 40)
+    assert sum(u.queries[0].removeprefix("Input: ").removesuffix("\nOutput:") in [x for x, _ in u.demos]
+               for u in key_units) < 10  # mostly a new input with a known key
+    results = evaluate.main(["--task", "lookup", "--base", str(tiny / "base"), "--generator", str(tiny / "gen"),
+                             "--shots", "2", "4", "--limit", "3", "--methods", "prompt,adapter",
+                             "--out", str(tiny / "lookup"), "--device", "cpu"])
+    assert {(r["method"], r["shots"]) for r in results["rows"]} == {(m, k) for m in ("prompt", "adapter") for k in (2, 4)}
+    assert all(0 <= r["majority_label"] <= 1 for r in results["rows"])
+    text = (tiny / "lookup" / "results.md").read_text()
+    assert "accuracy by demonstrations in the context" in text and "most frequent label" in text
+
+
 def test_reruns_are_identical(tiny):
     a = run(tiny, "streamingqa", "first", "--methods", "closed_book,rag,finetune,adapter")
     b = run(tiny, "streamingqa", "second", "--methods", "closed_book,rag,finetune,adapter")
@@ -347,7 +376,9 @@ def test_numbers_out_of_range(flag, value, low):
     (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter and adapter_oracle "
                                                          "methods, which --methods closed_book leaves out"),
     (["--methods", "adapter", "--ft_rank", "4"], "--ft_rank is only used by the finetune method"),
-    (["--shots", "4"], r"--shots is not used by --task msc \(it is for --task metaicl\)"),
+    (["--shots", "4"], r"--shots is not used by --task msc \(it is for --task metaicl and lookup\)"),
+    (["--task", "metaicl", "--query", "repeat"], r"--query is not used by --task metaicl \(it is for --task lookup\)"),
+    (["--task", "lookup", "--data", "x"], "--data: the lookup probe makes its contexts"),
     (["--context_lengths", "128"], "--context_lengths is not used by --task msc"),
     (["--out", ""], "--out is empty"),
     (["--task", "metaicl", "--shots", "0"], "--shots: expected at least 1, got 0"),
