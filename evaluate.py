@@ -62,7 +62,8 @@ DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "da
 MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20, "lookup": 10}
 # The finetune baseline's learning rate (20 epochs), chosen on validation data: the StreamingQA
 # validation CSV at 128 tokens for documents (F1 35.3 at 1e-2, 5.0 at 1e-3), six MetaICL train
-# tasks for demonstrations (accuracy at K = 4 / 16: 30.0 / 40.8 at 1e-3, 37.5 / 21.7 at 1e-2).
+# tasks for demonstrations (accuracy at K = 4 / 16: 30.0 / 40.8 at 1e-3, 37.5 / 21.7 at 1e-2; the
+# look-up probe's demonstrations take MetaICL's rate).
 FT_LR = {"streamingqa": 1e-2, "metaicl": 1e-3, "msc": 1e-2, "recall": 1e-2, "lookup": 1e-3}
 
 # -----------------------------------------------------------------------------
@@ -672,9 +673,9 @@ def parse_args(argv=None):
         if len(set(values)) != len(values):
             raise ValueError(f"--{name} {' '.join(map(str, values))}: a value is repeated")
     args.methods = methods
-    if args.task in ("recall", "lookup") and args.data is not None:
-        raise ValueError(f"--data: the {args.task} probe makes its contexts (data/make_world.py's Ladder, "
-                         "data/fresh_worlds.py); it reads no data")
+    probes = {"recall": "data/make_world.py's Ladder", "lookup": "data/fresh_worlds.py's FreshWorlds"}
+    if args.task in probes and args.data is not None:
+        raise ValueError(f"--data: the {args.task} probe makes its contexts ({probes[args.task]}); it reads no data")
     defaults = {
         "base": str(ROOT / "data" / "tiny"), "generator": str(ROOT / "data" / "tiny" / "generator"),
         "data": str(ROOT / DEFAULT_DATA[args.task]) if args.task in DEFAULT_DATA else None,

@@ -963,7 +963,8 @@ class Ladder:
         return self._facts(self.world.splits[split_name], rng, people=n, facts=1)
 
     def _alike(self, split: Split, rng: random.Random) -> dict:
-        """Documents about 2-4 people with random facts, each stating the one asked about of one."""
+        """Documents about 2-4 people with random facts, each stating the kind of fact asked about
+        one of them."""
         asked = rng.choice(LADDER_FACTS)
         people = [self._random_facts(person, split, rng) for person in rng.sample(split.people, rng.randint(2, 4))]
         documents = [write_document(self.world, split, p, rng.choice(list(STYLES)), rng, states=asked)

@@ -306,7 +306,7 @@ def test_lookup_probe(tiny):
             query = u.queries[0].removeprefix("Input: ").removesuffix("\nOutput:")
             if repeat:
                 assert (query, u.golds[0][0]) in u.demos
-            else:  # the demonstrations that share a word of the query's key show its label
+            else:  # a new input, whose key's value (so its label) a demonstration shows
                 assert any(y == u.golds[0][0] for _, y in u.demos)
         assert evaluate.lookup_units([4], repeat, 3)[2].context == units[22].context  # a function of (K, i)
     key_units = evaluate.lookup_units([8], False, 40)
