@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import cli
 from data.fresh_worlds import FreshWorlds
-from data.make_world import Ladder
+from data.make_world import Ladder, fewshot_context, fewshot_query
 from data.readers import QARecord, read_metaicl, read_metaicl_config, read_msc, read_streamingqa
 from generator import AdapterGenerator, LoRA, ingestion_flops, lora_floats, merged, split_windows
 from model import (Tokenizer, Transformer, answer_text, chat_example, check_at_least, context_ids, forward_flops,
@@ -266,12 +266,10 @@ def metaicl_units(data_dir, config_path, shots: list[int], seeds: list[int], lim
             for k in shots:
                 if k > len(train):
                     raise ValueError(f"--shots {k}: {task}_16_{seed}_train.jsonl has only {len(train)} demonstrations")
-                demos = random.Random(seed * 1000 + k).sample(train, k)
-                context = "\n\n".join(f"Input: {d.input}\nOutput: {d.output}" for d in demos)
+                demos = [(d.input, d.output) for d in random.Random(seed * 1000 + k).sample(train, k)]
                 options = test[0].options  # a classification task's labels: the gold's rank among them
-                units.append(Unit(context, [f"Input: {e.input}\nOutput:" for e in test],
-                                  [[e.output] for e in test], {"task": task, "seed": seed, "shots": k},
-                                  [(d.input, d.output) for d in demos], options,
+                units.append(Unit(fewshot_context(demos), [fewshot_query(e.input) for e in test],
+                                  [[e.output] for e in test], {"task": task, "seed": seed, "shots": k}, demos, options,
                                   [[e.output, *(o for o in options if o != e.output)] for e in test] if options else []))
     return units
 
@@ -296,8 +294,7 @@ def lookup_units(shots: list[int], repeat: bool, limit: int) -> list[Unit]:
     for k in shots:
         for i in range(limit):
             r = worlds.lookup(k, repeat, str(i))
-            context = "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in r["demos"])
-            units.append(Unit(context, [f"Input: {r['query']}\nOutput:"], [[r["answer"]]], {"shots": k},
+            units.append(Unit(fewshot_context(r["demos"]), [fewshot_query(r["query"])], [[r["answer"]]], {"shots": k},
                               r["demos"], r["labels"], [[r["answer"], *(o for o in r["labels"] if o != r["answer"])]]))
     return units
 
@@ -387,6 +384,16 @@ def gold_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]
     return ranks
 
 
+def unit_ranks(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], unit: Unit, asked,
+               adapter=None) -> list[dict]:
+    """gold_ranks of the unit's queries `asked` after their prompts (none without candidates); a
+    few-shot unit's labels scored per token, as MetaICL scores them."""
+    if not unit.candidates:
+        return []
+    return gold_ranks(model, tokenizer, prompts, [unit.candidates[i] for i in asked], adapter,
+                      per_token=bool(unit.demos))
+
+
 def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings: Settings) -> tuple[LoRA, int]:
     """Test-time fine-tuning (the paper's SFT / continual-pretraining baseline, §4): a LoRA of rank
     ft_rank on every linear module of every layer, trained with AdamW for a few epochs. On
@@ -402,8 +409,7 @@ def finetune_lora(model: Transformer, tokenizer: Tokenizer, unit: Unit, settings
         B[m] = torch.zeros(1, args.n_layers, d_out, rank, device=device, requires_grad=True)
     lora = LoRA(A, B)
     if unit.demos:
-        examples = [chat_example(tokenizer, query, output) for query, output in
-                    ((f"Input: {x}\nOutput:", y) for x, y in unit.demos)]
+        examples = [chat_example(tokenizer, fewshot_query(x), y) for x, y in unit.demos]
     else:
         ids = tokenizer.encode(unit.context)
         max_len = args.max_seq_len
@@ -442,8 +448,7 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
     texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
-    ranks = gold_ranks(model, tokenizer, prompts, unit.candidates, adapter, per_token=bool(unit.demos)) \
-        if unit.candidates else []
+    ranks = unit_ranks(model, tokenizer, prompts, unit, range(len(prompts)), adapter)
     return {"predictions": texts, "ranks": ranks, "tokens": tokens, "flops": flops + extra_flops,
             "query_flops": flops / len(unit.queries), "storage_floats": storage}
 
@@ -462,8 +467,7 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
         prompts = [query_prompt(tokenizer, unit.queries[i]) for i in asked]
         with merged(model, lora):
             texts, tokens, flops = answer(model, tokenizer, prompts, settings)
-            ranks = gold_ranks(model, tokenizer, prompts, [unit.candidates[i] for i in asked],
-                               per_token=bool(unit.demos)) if unit.candidates else []
+            ranks = unit_ranks(model, tokenizer, prompts, unit, asked)
         for j, i in enumerate(asked):
             out["predictions"][i] = texts[j]
             if ranks:

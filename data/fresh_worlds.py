@@ -32,8 +32,8 @@ from dataclasses import replace
 from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, ORG_SENTENCES, PERSON_SENTENCES, STYLES, Event,
                              NameMaker, Organisation, Person, Split, Task, World, WorldConfig, build_split,
                              build_tasks, build_world, dialogue_text, documents_about, fact_slots, facts_of,
-                             msc_user, name_words, pick_entity, reserved_words, short_name, subject_slots,
-                             write_document)
+                             fewshot_context, fewshot_query, msc_user, name_words, pick_entity, reserved_words,
+                             short_name, subject_slots, write_document)
 
 KINDS = ("text", "qa", "fewshot", "dialogue", "closed_book")
 # Shares of the instruction records (every kind but text); text windows are drawn separately.
@@ -112,13 +112,18 @@ def input_sentence(world: World, entity, facts: list[str], rng: random.Random) -
                     for i, key in enumerate(keys))
 
 
+def label_word(names: NameMaker, rng: random.Random) -> str:
+    """A label of an invented classification: a common word (LABELS), or an invented one 30% of the time."""
+    return names.word() if rng.random() < 0.3 else rng.choice(LABELS)
+
+
 def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str) -> Task:
     """A MetaICL-style task invented on the spot about entities of `pool`: half classify (an
     arbitrary mapping of a key to 2-4 labels, or a year threshold), half rewrite 1-2 fields of
     the input into an invented format."""
     stated = lambda e, facts: input_sentence(world, e, [f for f in facts if f], rng)
     if rng.random() < 0.5:
-        labels = [names.word() if rng.random() < 0.3 else rng.choice(LABELS) for _ in range(rng.randint(2, 4))]
+        labels = [label_word(names, rng) for _ in range(rng.randint(2, 4))]
         labels = list(dict.fromkeys(labels))
         if len(labels) < 2:
             labels.append(names.word())
@@ -248,9 +253,8 @@ class FreshWorlds:
         pool = rng.choice(("people", "people", "organisations", "events"))
         entities = rng.sample(getattr(split, pool), rng.randint(2, 13))
         _, examples = self.invented_task(world, self._names(rng), rng, pool, entities)
-        context = "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in examples[:-1])
-        return {"kind": "fewshot", "context": context, "prompt": f"Input: {examples[-1][0]}\nOutput:",
-                "answer": examples[-1][1], "follow_ups": []}
+        return {"kind": "fewshot", "context": fewshot_context(examples[:-1]),
+                "prompt": fewshot_query(examples[-1][0]), "answer": examples[-1][1], "follow_ups": []}
 
     def lookup(self, shots: int, repeat: bool, key: str) -> dict:
         """An in-context look-up probe (evaluate.py --task lookup; never trained on): `shots`
@@ -272,7 +276,7 @@ class FreshWorlds:
         names = self._names(rng)
         labels = []
         while len(labels) < len(values):
-            label = names.word() if rng.random() < 0.3 else rng.choice(LABELS)
+            label = label_word(names, rng)
             labels += [label] if label not in labels else []
         mapping = dict(zip(values, labels))
         examples = [(input_sentence(world, e, [fact], rng), mapping[value(e)]) for e in entities]

@@ -860,12 +860,23 @@ def qa_instruction(world: World, split: Split, rng: random.Random) -> dict:
     return {"context": "\n\n".join(d.text for d in documents), "prompt": rng.choice(phrasings), "answer": answers[0]}
 
 
+def fewshot_context(demos: list[tuple[str, str]]) -> str:
+    """(input, output) demonstrations as MetaICL prompts show them: `Input: x\nOutput: y`, a blank
+    line between two."""
+    return "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in demos)
+
+
+def fewshot_query(x: str) -> str:
+    """A few-shot query, its output to follow: `Input: x\nOutput:`."""
+    return f"Input: {x}\nOutput:"
+
+
 def fewshot_instruction(task: Task, split: Split, rng: random.Random) -> dict:
     """A MetaICL train task shown as 4-16 demonstrations followed by a query."""
     entities = rng.sample(getattr(split, task.pool), rng.randint(4, 16) + 1)
     examples = [task.example(e) for e in entities]
-    context = "\n\n".join(f"Input: {x}\nOutput: {y}" for x, y in examples[:-1])
-    return {"context": context, "prompt": f"Input: {examples[-1][0]}\nOutput:", "answer": examples[-1][1]}
+    return {"context": fewshot_context(examples[:-1]), "prompt": fewshot_query(examples[-1][0]),
+            "answer": examples[-1][1]}
 
 
 def instruction_records(world: World, split_name: str, n: int, users: list, seed: int) -> list[dict]:
