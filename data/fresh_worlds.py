@@ -183,9 +183,7 @@ class FreshWorlds:
 
     def _names(self, rng: random.Random) -> NameMaker:
         """A maker of words that no committed file and no library name uses."""
-        names = NameMaker(rng)
-        names.used = set(self.taken)
-        return names
+        return NameMaker(rng, self.taken)
 
     def _fresh(self, rng: random.Random, sizes: tuple[int, int, int]) -> tuple[World, Split]:
         split = build_split(self._names(rng), self.world.first_names, list(self.world.cities), sizes, rng)

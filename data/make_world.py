@@ -341,9 +341,12 @@ def reserved_words() -> set[str]:
 class NameMaker:
     """Invents capitalised words from syllables and never returns the same word twice."""
 
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, taken: set[str] | None = None):
+        """taken: the lower-case words it must not return (read, never changed); reserved_words()
+        when not given."""
         self.rng = rng
-        self.used = reserved_words()
+        self.taken = reserved_words() if taken is None else taken
+        self.used = set()
 
     def word(self) -> str:
         """A new word of 1-3 syllables (2 most often) and 4-8 letters."""
@@ -351,7 +354,7 @@ class NameMaker:
             syllables = self.rng.choice((1, 2, 2, 2, 3))
             word = "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables))
             word = (word + self.rng.choice(CODAS)).capitalize()
-            if 4 <= len(word) <= 8 and word.lower() not in self.used:
+            if 4 <= len(word) <= 8 and word.lower() not in self.taken and word.lower() not in self.used:
                 self.used.add(word.lower())
                 return word
 
