@@ -273,22 +273,35 @@ def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_cont
     return sum(hits) / len(hits)
 
 
+@torch.no_grad()
+def alike_pieces(model: Transformer, cosine: float = 0.95) -> int:
+    """How many pieces have an embedding almost the same as another piece's (cosine above
+    `cosine`): pieces the base cannot tell apart, hence cannot copy. A piece the base never reads
+    gets only the gradient that lowers its logit everywhere, the same for every such piece, so
+    these pile up on one direction."""
+    E = torch.nn.functional.normalize(model.embed_tokens.weight.float(), dim=1)  # (V, D)
+    similar = E @ E.T
+    similar.fill_diagonal_(-1.0)
+    return int((similar.max(dim=1).values > cosine).sum())
+
+
 def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: Tokenizer,
              questions: list[Instruction], worlds: FreshWorlds) -> dict:
     """Perplexity per task; greedy exact match on the validation questions with their context in
     the prompt and closed-book, and on fresh validation records of each of SKILLS. Printed, and
-    returned for validation.jsonl."""
+    returned for validation.jsonl; and how many pieces the base cannot tell apart (alike_pieces)."""
     ppl = perplexities(lambda b: base_forward(model, b), batches, TASKS)
     em_context = answer_accuracy(model, tokenizer, questions, with_context=True)
     em_closed = answer_accuracy(model, tokenizer, questions, with_context=False)
     skills = {kind: answer_accuracy(model, tokenizer, [Instruction(r["context"], r["prompt"], r["answer"])
                                                        for r in worlds.validation(kind, VAL_QUESTIONS)],
                                     with_context=True) for kind in SKILLS}
+    alike = alike_pieces(model)
     tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
                f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
-               + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()))
+               + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()) + f"; alike pieces {alike}")
     return {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed,
-            **{f"exact_match_fresh_{kind}": em for kind, em in skills.items()}}
+            **{f"exact_match_fresh_{kind}": em for kind, em in skills.items()}, "alike_pieces": alike}
 
 
 def finish(config: BaseConfig, model: Transformer) -> None:

@@ -43,6 +43,14 @@ def test_fresh_data_resumes_from_a_counter():
     assert torch.equal(batch.targets[1, 0, :len(packed) - 1], torch.tensor(packed[1:]))
 
 
+def test_alike_pieces_counts_embeddings_a_base_cannot_tell_apart():
+    torch.manual_seed(0)
+    model = make_base.init_tiny_base(make_base.TINY_BASE).requires_grad_(False)
+    assert make_base.alike_pieces(model) == 0
+    model.embed_tokens.weight[10:20] = 2 * model.embed_tokens.weight[5]  # the same direction
+    assert make_base.alike_pieces(model) == 11
+
+
 def test_tiny_base_init():
     # unit-norm tied embeddings (what let the tiny base copy cities and occupations); 0.02 elsewhere,
     # residual outputs scaled by 1 / sqrt(2 L)
@@ -94,7 +102,7 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     validation = json.loads((tmp_path / "straight" / "validation.jsonl").read_text())
     assert set(validation) == {"step", "ppl", "exact_match_with_context", "exact_match_closed_book",
-                               *(f"exact_match_fresh_{kind}" for kind in make_base.SKILLS)}
+                               *(f"exact_match_fresh_{kind}" for kind in make_base.SKILLS), "alike_pieces"}
     assert set(validation["ppl"]) == set(make_base.TASKS)
     assert Transformer.from_pretrained(tmp_path / "straight").args.n_layers == make_base.TINY_BASE.n_layers
 
