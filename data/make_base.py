@@ -274,12 +274,14 @@ def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_cont
 
 
 @torch.no_grad()
-def alike_pieces(model: Transformer, cosine: float = 0.95) -> int:
-    """How many pieces have an embedding almost the same as another piece's (cosine above
-    `cosine`): pieces the base cannot tell apart, hence cannot copy. A piece the base never reads
-    gets only the gradient that lowers its logit everywhere, the same for every such piece, so
-    these pile up on one direction."""
-    E = torch.nn.functional.normalize(model.embed_tokens.weight.float(), dim=1)  # (V, D)
+def alike_pieces(model: Transformer, tokenizer: Tokenizer, cosine: float = 0.95) -> int:
+    """How many pieces of words (not byte, control or unknown pieces) have an embedding almost the
+    same as another's (cosine above `cosine`): pieces the base cannot tell apart, hence cannot
+    copy. A piece the base never reads gets only the gradient that lowers its logit everywhere,
+    the same for every such piece, so these pile up on one direction."""
+    sp = tokenizer.sp
+    words = [i for i in range(sp.get_piece_size()) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+    E = torch.nn.functional.normalize(model.embed_tokens.weight[words].float(), dim=1)  # (V', D)
     similar = E @ E.T
     similar.fill_diagonal_(-1.0)
     return int((similar.max(dim=1).values > cosine).sum())
@@ -296,7 +298,7 @@ def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: 
     skills = {kind: answer_accuracy(model, tokenizer, [Instruction(r["context"], r["prompt"], r["answer"])
                                                        for r in worlds.validation(kind, VAL_QUESTIONS)],
                                     with_context=True) for kind in SKILLS}
-    alike = alike_pieces(model)
+    alike = alike_pieces(model, tokenizer)
     tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
                f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
                + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()) + f"; alike pieces {alike}")

@@ -46,9 +46,13 @@ def test_fresh_data_resumes_from_a_counter():
 def test_alike_pieces_counts_embeddings_a_base_cannot_tell_apart():
     torch.manual_seed(0)
     model = make_base.init_tiny_base(make_base.TINY_BASE).requires_grad_(False)
-    assert make_base.alike_pieces(model) == 0
-    model.embed_tokens.weight[10:20] = 2 * model.embed_tokens.weight[5]  # the same direction
-    assert make_base.alike_pieces(model) == 11
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    assert make_base.alike_pieces(model, tok) == 0
+    embeddings = model.embed_tokens.weight
+    embeddings[3:259] = embeddings[3]  # byte pieces: not counted
+    assert make_base.alike_pieces(model, tok) == 0
+    embeddings[1000:1010] = 2 * embeddings[900]  # the same direction
+    assert make_base.alike_pieces(model, tok) == 11
 
 
 def test_tiny_base_init():
