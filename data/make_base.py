@@ -24,6 +24,7 @@ data/make_world.py and data/make_tokenizer.py.
 
 import argparse
 import math
+import random
 import shutil
 import sys
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class BaseConfig(LoopConfig):
     and the length of the last phase."""
     icl_steps: int = setting(0, "the last N of --steps are a phase of their own (warm-up and decay anew) that "
                                 "draws its records by ICL_MIX, few-shot heavy; 0: one phase")
+    copy_rows: float = setting(0.0, "share of the text windows that are copy rows (FreshSource.copy_row): random "
+                                    "pieces of words, spans of which recur later, which only a reader that "
+                                    "looks content up predicts (the README's base study)")
+    tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
+                             "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
                             "model.safetensors, the shape of TINY_BASE) instead of a fresh draw, with a fresh "
                             "optimiser and schedule (give another --seed than its run's for new records); not "
@@ -66,6 +72,8 @@ class BaseConfig(LoopConfig):
         if not 0 <= self.icl_steps < self.steps:
             raise ValueError(f"--icl_steps {self.icl_steps}: expected at least 0 and fewer than --steps "
                              f"({self.steps}); --icl_steps 0 trains one phase")
+        if not 0 <= self.copy_rows <= 1:
+            raise ValueError(f"--copy_rows {self.copy_rows}: expected a share from 0 to 1")
 
     def phases(self) -> list[int]:
         """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX)."""
@@ -79,6 +87,7 @@ RECIPE = dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD /
 # Training draws by READING_MIX first: 120,000 draws (of about 41 a step of 16 rows) are about the
 # first 2,900 steps.
 READING_DRAWS = 120_000
+COPY_SPAN = (2, 12)  # the lengths of the spans a copy row repeats, in pieces
 TASKS = ("text", "answer")  # the losses: next token of text rows, and of answers
 # What validation measures on fresh records besides the files: in-context learning of invented
 # tasks, dialogue memory, and closed-book answers about the library's entities never asked about.
@@ -118,24 +127,53 @@ def init_tiny_base(args: ModelArgs) -> Transformer:
     return model
 
 
+def word_pieces(tokenizer: Tokenizer) -> list[int]:
+    """The ids of the pieces of words: not byte, control or unknown pieces."""
+    sp = tokenizer.sp
+    return [i for i in range(sp.get_piece_size()) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+
+
 class FreshSource:
     """The base stage's endless training data: text windows (alternately about fresh worlds and
-    about the library) and instruction examples of every kind (data/fresh_worlds.py), drawn by
-    READING_MIX for the first `reading` draws, then by MIX, or by ICL_MIX while `icl` is set. Draw
-    i of rank r is a function of (seed, r, i), so a counter is all the state."""
+    about the library, or with chance `copy` a copy row) and instruction examples of every kind
+    (data/fresh_worlds.py), drawn by READING_MIX for the first `reading` draws, then by MIX, or by
+    ICL_MIX while `icl` is set. Draw i of rank r is a function of (seed, r, i), so a counter is
+    all the state."""
 
-    def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0):
+    def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
+                 copy: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        self.worlds, self.count, self.icl = FreshWorlds(), 0, False
+        self.worlds, self.count, self.icl, self.copy = FreshWorlds(), 0, False, copy
+        self.pieces = word_pieces(tokenizer)
 
     def _key(self) -> str:
         self.count += 1
         return f"{self.prefix}/{self.count}"
 
+    def copy_row(self, rng: random.Random) -> list[int]:
+        """A copy row of `length` tokens: BOS, then runs of 1-4 random pieces of words, each run
+        followed half the time by a span of COPY_SPAN pieces copied from a random earlier place
+        of the row. Past a span's first piece, only a reader that finds where that piece stood
+        before and copies what followed it predicts the rest: look-up by content, the induction
+        pattern behind copying a demonstration's format or a name from a context (Olsson et al.
+        2022, "In-context learning and induction heads"), which text windows alone did not teach
+        the tiny base. Every piece of the tokenizer is read, so none is left untrained."""
+        ids = [self.tokenizer.bos_id]
+        while len(ids) < self.length:
+            ids += rng.choices(self.pieces, k=rng.randint(1, 4))
+            if len(ids) > COPY_SPAN[1] and rng.random() < 0.5:
+                n = rng.randint(*COPY_SPAN)
+                start = rng.randrange(1, len(ids) - n + 1)
+                ids += ids[start:start + n]
+        return ids[:self.length]
+
     def next(self) -> list[int]:
-        """A text window of `length` tokens (BOS, then documents)."""
+        """A text window of `length` tokens (BOS, then documents), or a copy row."""
         while True:
             key = self._key()
+            rng = random.Random(f"fresh/copy/{key}")
+            if rng.random() < self.copy:
+                return self.copy_row(rng)
             ids = self.tokenizer.encode(self.worlds.text(key, library=self.count % 2 == 0))
             if len(ids) >= self.length:
                 return ids[:self.length]
@@ -226,7 +264,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
     """A fresh tiny base trained on fresh worlds (FreshSource), validated on the committed
     validation files (whose entities it never sees) and on fresh records of SKILLS."""
     device, L = proc.device, TINY_BASE.max_seq_len
-    tokenizer = Tokenizer(TINY / "tokenizer.model", template="mistral")
+    tokenizer = Tokenizer(config.tokenizer, template="mistral")
     torch.manual_seed(config.seed)
     model = init_tiny_base(TINY_BASE).to(device)
 
@@ -238,7 +276,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
 
     if config.init and not config.resume:
         load_weights(Path(config.init))
-    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS)
+    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:
@@ -274,17 +312,16 @@ def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_cont
 
 
 @torch.no_grad()
-def alike_pieces(model: Transformer, tokenizer: Tokenizer, cosine: float = 0.95) -> int:
-    """How many pieces of words (not byte, control or unknown pieces) have an embedding almost the
-    same as another's (cosine above `cosine`): pieces the base cannot tell apart, hence cannot
-    copy. A piece the base never reads gets only the gradient that lowers its logit everywhere,
-    the same for every such piece, so these pile up on one direction."""
-    sp = tokenizer.sp
-    words = [i for i in range(sp.get_piece_size()) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+def alike_pieces(model: Transformer, tokenizer: Tokenizer, cosine: float = 0.95) -> list[int]:
+    """The pieces of words (word_pieces) whose embedding is almost the same as another's (cosine
+    above `cosine`): pieces the base cannot tell apart, hence cannot copy. A piece the base never
+    reads gets only the gradient that lowers its logit everywhere, the same for every such piece,
+    so these pile up on one direction."""
+    words = torch.tensor(word_pieces(tokenizer))
     E = torch.nn.functional.normalize(model.embed_tokens.weight[words].float(), dim=1)  # (V', D)
     similar = E @ E.T
     similar.fill_diagonal_(-1.0)
-    return int((similar.max(dim=1).values > cosine).sum())
+    return words[similar.max(dim=1).values > cosine].tolist()
 
 
 def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: Tokenizer,
@@ -298,7 +335,7 @@ def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: 
     skills = {kind: answer_accuracy(model, tokenizer, [Instruction(r["context"], r["prompt"], r["answer"])
                                                        for r in worlds.validation(kind, VAL_QUESTIONS)],
                                     with_context=True) for kind in SKILLS}
-    alike = alike_pieces(model, tokenizer)
+    alike = len(alike_pieces(model, tokenizer))
     tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
                f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
                + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()) + f"; alike pieces {alike}")
@@ -310,8 +347,9 @@ def finish(config: BaseConfig, model: Transformer) -> None:
     """The base written beside its tokenizer, in the layout model.py loads."""
     out = Path(config.out)
     model.save_pretrained(out)
-    if not (out / "tokenizer.model").exists():
-        shutil.copy(TINY / "tokenizer.model", out / "tokenizer.model")
+    tokenizer = out / "tokenizer.model"
+    if not (tokenizer.exists() and tokenizer.samefile(config.tokenizer)):  # the one it was trained with
+        shutil.copy(config.tokenizer, tokenizer)
     print(f"the base is in {out}/ (config.json, model.safetensors, tokenizer.model)")
 
 

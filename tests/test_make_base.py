@@ -43,16 +43,45 @@ def test_fresh_data_resumes_from_a_counter():
     assert torch.equal(batch.targets[1, 0, :len(packed) - 1], torch.tensor(packed[1:]))
 
 
-def test_alike_pieces_counts_embeddings_a_base_cannot_tell_apart():
+def test_copy_rows_recur_spans_of_earlier_pieces_and_are_functions_of_their_keys():
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    source = make_base.FreshSource(tok, 256, seed=0, copy=0.5)
+    rows = [source.next() for _ in range(40)]
+    texts = {tuple(tok.encode(source.worlds.text(f"0/0/{k}", library=k % 2 == 0))[:256]) for k in range(1, 80)}
+    copies = [row for row in rows if tuple(row) not in texts]
+    pieces = set(make_base.word_pieces(tok))
+    assert all(row[0] == tok.bos_id and set(row[1:]) <= pieces for row in copies)
+    assert 8 <= len(copies) <= 32 and all(len(row) == 256 for row in rows)
+    for row in copies:
+        # spans of at least 2 pieces recur: every third piece or more continues an earlier bigram
+        seen, recurring = set(), 0
+        for a, b in zip(row[1:], row[2:]):
+            recurring += (a, b) in seen
+            seen.add((a, b))
+        assert recurring >= 50
+        # and not by a period: the offsets back to a span's earlier place vary
+        offsets = {i - row.index(b, 1) for i, b in enumerate(row) if i > 1 and row.index(b, 1) < i}
+        assert len(offsets) > 20
+    again = make_base.FreshSource(tok, 256, seed=0, copy=0.5)
+    again.load_state_dict({"count": 10})
+    assert [again.next() for _ in range(30)] == rows[10:]
+    plain = make_base.FreshSource(tok, 256, seed=0)  # no copy rows: the text windows alone
+    assert [plain.next() for _ in range(3)] == [tok.encode(source.worlds.text(f"0/0/{k}", library=k % 2 == 0))[:256]
+                                                for k in (1, 2, 3)]
+    with pytest.raises(ValueError, match="--copy_rows 1.5: expected a share from 0 to 1"):
+        make_base.parse_args(["--copy_rows", "1.5"])
+
+
+def test_alike_pieces_lists_embeddings_a_base_cannot_tell_apart():
     torch.manual_seed(0)
     model = make_base.init_tiny_base(make_base.TINY_BASE).requires_grad_(False)
     tok = Tokenizer(TOKENIZER, template="mistral")
-    assert make_base.alike_pieces(model, tok) == 0
+    assert make_base.alike_pieces(model, tok) == []
     embeddings = model.embed_tokens.weight
     embeddings[3:259] = embeddings[3]  # byte pieces: not counted
-    assert make_base.alike_pieces(model, tok) == 0
+    assert make_base.alike_pieces(model, tok) == []
     embeddings[1000:1010] = 2 * embeddings[900]  # the same direction
-    assert make_base.alike_pieces(model, tok) == 11
+    assert make_base.alike_pieces(model, tok) == [900, *range(1000, 1010)]
 
 
 def test_tiny_base_init():
@@ -82,7 +111,11 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
     checkpoint is step 2, the end of the first phase) and resumed writes the same logs and the
     same model."""
     monkeypatch.setattr(make_base, "VAL_QUESTIONS", 4)
-    assert make_base.main(base_args(tmp_path / "straight")) == tmp_path / "straight"
+    tokenizer = tmp_path / "elsewhere" / "tokenizer.model"  # --tokenizer: trained with it, copied beside
+    tokenizer.parent.mkdir()
+    tokenizer.write_bytes(TOKENIZER.read_bytes())
+    extra = ("--copy_rows", "0.5", "--tokenizer", str(tokenizer), "--micro_batch", "4")  # a text row a micro-batch
+    assert make_base.main(base_args(tmp_path / "straight", *extra)) == tmp_path / "straight"
     real_log = training.log_step
 
     def interrupt(out, step, *a, **kw):
@@ -93,10 +126,10 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "log_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        make_base.main(base_args(tmp_path / "resumed"))
+        make_base.main(base_args(tmp_path / "resumed", *extra))
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     monkeypatch.setattr(training, "log_step", real_log)
-    make_base.main(base_args(tmp_path / "resumed", "--resume"))
+    make_base.main(base_args(tmp_path / "resumed", *extra, "--resume"))
     keep = ("step", "loss", "loss_text", "loss_answer", "lr", "grad_norm")
     straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
     assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in straight]
@@ -104,6 +137,7 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
     assert straight[2]["lr"] == straight[0]["lr"]  # the last phase warms up anew
     for name in ("validation.jsonl", "model.safetensors", "config.json", "tokenizer.model"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert (tmp_path / "straight" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
     validation = json.loads((tmp_path / "straight" / "validation.jsonl").read_text())
     assert set(validation) == {"step", "ppl", "exact_match_with_context", "exact_match_closed_book",
                                *(f"exact_match_fresh_{kind}" for kind in make_base.SKILLS), "alike_pieces"}
