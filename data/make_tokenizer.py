@@ -33,6 +33,7 @@ import sentencepiece as spm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `data` importable
 from data.fresh_worlds import MIX, FreshWorlds  # noqa: E402
 from data.readers import iter_texts, read_instructions  # noqa: E402
+from model import atomic_write  # noqa: E402
 
 TEXTS, RECORDS = 5000, 20000  # --source fresh: text windows and instruction records drawn to train on
 
@@ -91,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     model = train_tokenizer(texts, args.vocab_size)
     out = (args.out or args.data / "tiny") / "tokenizer.model"
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_bytes(model)
-    partial.replace(out)  # atomic: a crash never leaves half a tokenizer
+    atomic_write(out, lambda path: path.write_bytes(model))
 
     sp = spm.SentencePieceProcessor(model_proto=model)
     example = "[INST] Where was Maro Velin born? [/INST] Tesk"
