@@ -152,6 +152,8 @@ def test_bad_input(tmp_path, capsys):
         make_base.main(base_args(tmp_path, "--val_data", str(ROOT / "data" / "world" / "pretrain_validation.jsonl.gz")))
     with pytest.raises(ValueError, match="--steps: expected at least 1, got 0"):
         make_base.parse_args(["--steps", "0"])
+    with pytest.raises(FileNotFoundError, match=r"tokenizer model .*nope\.model does not exist"):
+        make_base.main(base_args(tmp_path / "no_tokenizer", "--tokenizer", str(tmp_path / "nope.model")))
     assert make_base.parse_args([]).out == str(ROOT / "data" / "tiny")
     with pytest.raises(SystemExit) as exit:
         cli.run(make_base.main, "make_base.py", ["--steps", "0"])
