@@ -66,6 +66,9 @@ class BaseConfig(LoopConfig):
                             "model.safetensors, the shape of TINY_BASE) instead of a fresh draw, with a fresh "
                             "optimiser and schedule (give another --seed than its run's for new records); not "
                             "read by --resume")
+    redraw_alike: bool = setting(False, "with --init: draw the embeddings of the pieces the base cannot tell "
+                                        "apart (alike_pieces) anew before training on, so that copy rows can "
+                                        "teach it to read them")
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,6 +77,8 @@ class BaseConfig(LoopConfig):
                              f"({self.steps}); --icl_steps 0 trains one phase")
         if not 0 <= self.copy_rows <= 1:
             raise ValueError(f"--copy_rows {self.copy_rows}: expected a share from 0 to 1")
+        if self.redraw_alike and not self.init:
+            raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
 
     def phases(self) -> list[int]:
         """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX)."""
@@ -276,6 +281,8 @@ def build(config: BaseConfig, proc: Process) -> Run:
 
     if config.init and not config.resume:
         load_weights(Path(config.init))
+        if config.redraw_alike:
+            redraw_alike(model, tokenizer)
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
@@ -322,6 +329,20 @@ def alike_pieces(model: Transformer, tokenizer: Tokenizer, cosine: float = 0.95)
     similar = E @ E.T
     similar.fill_diagonal_(-1.0)
     return words[similar.max(dim=1).values > cosine].tolist()
+
+
+@torch.no_grad()
+def redraw_alike(model: Transformer, tokenizer: Tokenizer) -> int:
+    """Draws the embeddings of the alike pieces anew, random directions at the mean norm of the
+    pieces told apart: what training left in them is one shared direction, never a meaning.
+    Returns how many were drawn."""
+    alike = alike_pieces(model, tokenizer)
+    E = model.embed_tokens.weight  # (V, D), tied to the output
+    kept = sorted(set(word_pieces(tokenizer)) - set(alike))
+    fresh = torch.randn(len(alike), E.shape[1], device=E.device)
+    E[alike] = (torch.nn.functional.normalize(fresh, dim=1) * E[kept].norm(dim=1).mean()).to(E.dtype)
+    tqdm.write(f"drew the embeddings of {len(alike)} alike pieces anew")
+    return len(alike)
 
 
 def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: Tokenizer,

@@ -86,6 +86,25 @@ def test_alike_pieces_lists_embeddings_a_base_cannot_tell_apart():
     assert make_base.alike_pieces(model, tok) == [900, *range(1000, 1010)]
 
 
+def test_redraw_alike_gives_alike_pieces_directions_of_their_own_and_keeps_the_rest():
+    torch.manual_seed(0)
+    model = make_base.init_tiny_base(make_base.TINY_BASE).requires_grad_(False)
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    embeddings = model.embed_tokens.weight
+    embeddings[1000:1010] = 3 * embeddings[900]  # one shared direction, longer than the rest
+    before = embeddings.clone()
+    assert make_base.redraw_alike(model, tok) == 11
+    assert make_base.alike_pieces(model, tok) == []
+    drawn = [900, *range(1000, 1010)]
+    kept = torch.ones(len(embeddings), dtype=torch.bool)
+    kept[drawn] = False
+    assert torch.equal(embeddings[kept], before[kept])
+    norms = embeddings[drawn].norm(dim=1)
+    assert torch.allclose(norms, before[kept][3 + 256:].norm(dim=1).mean().expand(11), atol=0.02)
+    with pytest.raises(ValueError, match="--redraw_alike: expected --init too"):
+        make_base.parse_args(["--redraw_alike"])
+
+
 def test_tiny_base_init():
     # unit-norm tied embeddings (what let the tiny base copy cities and occupations); 0.02 elsewhere,
     # residual outputs scaled by 1 / sqrt(2 L)
