@@ -13,7 +13,10 @@ named with words that no committed file uses, and writes one of these records ab
                 work, reading its demonstrations can; Raventos et al. 2023, Chan et al. 2022);
   dialogue      a chat session in which Speaker 1 states facts about themself, then a question
                 about one of them (dialogue memory, as in MSC-Self-Instruct);
-  closed_book   a question about an entity of the *library*, with no context.
+  closed_book   a question about an entity of the *library*, with no context;
+  lookup        (make_base.py --lookup_rows) few-shot records of a classification whose
+                query's key is among the demonstrations' (the bursty contexts that in-context
+                look-up needs, Chan et al. 2022; evaluate.py's look-up probe draws them too).
 
 The library is one fixed fresh split that the base reads about in text windows all through
 training and is asked about without context for its first half only. Mixed training of this kind
@@ -35,7 +38,7 @@ from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, ORG_SENTENCES, PERSON
                              fewshot_context, fewshot_query, msc_user, name_words, pick_entity, reserved_words,
                              short_name, subject_slots, write_document)
 
-KINDS = ("text", "qa", "fewshot", "dialogue", "closed_book")
+KINDS = ("text", "qa", "fewshot", "dialogue", "closed_book", "lookup")
 # Shares of the instruction records (every kind but text); text windows are drawn separately.
 MIX = {"qa": 0.45, "fewshot": 0.30, "dialogue": 0.15, "closed_book": 0.10}
 # The base stage starts on this mix: reading a context appears first in question answering, and
@@ -219,6 +222,10 @@ class FreshWorlds:
             entity = rng.choice(self.held_out if held_out else self.asked)
             facts = list(facts_of(self.library_world, entity).values())
             return self._turns("closed_book", "", rng.sample(facts, min(len(facts), rng.randint(1, 3))), rng)
+        if kind == "lookup":  # a few-shot record whose query's key is among its 2-12 demonstrations'
+            r = self._lookup(rng, rng.randint(2, 12), repeat=False)
+            return {"kind": "lookup", "context": fewshot_context(r["demos"]), "prompt": fewshot_query(r["query"]),
+                    "answer": r["answer"], "follow_ups": []}
         world, split = self._fresh(rng, self.SIZES)
         if kind == "qa":
             easy = rng.random() < 0.5  # one document, no distractor: how a small model first learns look-up
@@ -255,14 +262,15 @@ class FreshWorlds:
                 "prompt": fewshot_query(examples[-1][0]), "answer": examples[-1][1], "follow_ups": []}
 
     def lookup(self, shots: int, repeat: bool, key: str) -> dict:
-        """An in-context look-up probe (evaluate.py --task lookup; never trained on): `shots`
-        demonstrations of a classification invented for the record, a key of the input (a job, a
-        city, ...) mapped to arbitrary labels, whose keys take 2-4 values (1 for K = 1), each shown,
-        then a query whose key is among the demonstrations' (repeat: whose input is one
-        demonstration's, word for word).
+        """An in-context look-up probe (evaluate.py --task lookup): `shots` demonstrations of a
+        classification invented for the record, a key of the input (a job, a city, ...) mapped to
+        arbitrary labels, whose keys take 2-4 values (1 for K = 1), each shown, then a query whose
+        key is among the demonstrations' (repeat: whose input is one demonstration's, word for word).
         A reader that finds the query's key among the demonstrations answers every query.
         Returns {"demos": [(input, output), ...], "query", "answer", "labels"}."""
-        rng = random.Random(f"fresh/lookup/{shots}/{repeat}/{key}")
+        return self._lookup(random.Random(f"fresh/lookup/{shots}/{repeat}/{key}"), shots, repeat)
+
+    def _lookup(self, rng: random.Random, shots: int, repeat: bool) -> dict:
         world, split = self._fresh(rng, self.SIZES)
         pool = rng.choice(("people", "people", "organisations", "events"))
         field, (fact, value) = rng.choice([(k, v) for k, v in KEYS[pool].items() if v[0]])  # keys an input states

@@ -60,6 +60,8 @@ class BaseConfig(LoopConfig):
     copy_rows: float = setting(0.0, "share of the text windows that are copy rows (FreshSource.copy_row): random "
                                     "pieces of words, spans of which recur later, which only a reader that "
                                     "looks content up predicts (the README's base study)")
+    lookup_rows: float = setting(0.0, "share of the few-shot records that are look-up records (FreshWorlds' "
+                                      "'lookup' kind): the query's key is among the demonstrations'")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
                              "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
@@ -77,6 +79,8 @@ class BaseConfig(LoopConfig):
                              f"({self.steps}); --icl_steps 0 trains one phase")
         if not 0 <= self.copy_rows <= 1:
             raise ValueError(f"--copy_rows {self.copy_rows}: expected a share from 0 to 1")
+        if not 0 <= self.lookup_rows <= 1:
+            raise ValueError(f"--lookup_rows {self.lookup_rows}: expected a share from 0 to 1")
         if self.redraw_alike and not self.init:
             raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
 
@@ -142,13 +146,13 @@ class FreshSource:
     """The base stage's endless training data: text windows (alternately about fresh worlds and
     about the library, or with chance `copy` a copy row) and instruction examples of every kind
     (data/fresh_worlds.py), drawn by READING_MIX for the first `reading` draws, then by MIX, or by
-    ICL_MIX while `icl` is set. Draw i of rank r is a function of (seed, r, i), so a counter is
+    ICL_MIX while `icl` is set (mix()). Draw i of rank r is a function of (seed, r, i), so a counter is
     all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0):
+                 copy: float = 0.0, lookup: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        self.worlds, self.count, self.icl, self.copy = FreshWorlds(), 0, False, copy
+        self.worlds, self.count, self.icl, self.copy, self.lookup = FreshWorlds(), 0, False, copy, lookup
         self.pieces = word_pieces(tokenizer)
 
     def _key(self) -> str:
@@ -183,11 +187,18 @@ class FreshSource:
             if len(ids) >= self.length:
                 return ids[:self.length]
 
+    def mix(self) -> dict[str, float]:
+        """The shares of the record kinds of the next draw; a share `lookup` of the few-shot
+        records are look-up records."""
+        mix = ICL_MIX if self.icl else READING_MIX if self.count < self.reading else MIX
+        if self.lookup:
+            mix = mix | {"fewshot": mix["fewshot"] * (1 - self.lookup), "lookup": mix["fewshot"] * self.lookup}
+        return mix
+
     def example(self) -> tuple[list[int], list[int]]:
         """A record in the chat template, context in the prompt, that fits `length` tokens."""
         while True:
-            mix = ICL_MIX if self.icl else READING_MIX if self.count < self.reading else MIX
-            r = self.worlds.instruction(self._key(), mix)
+            r = self.worlds.instruction(self._key(), self.mix())
             ids, targets = chat_example(self.tokenizer, user_turn(r["prompt"], r["context"]), r["answer"],
                                         r["follow_ups"])
             if len(ids) <= self.length:
@@ -283,7 +294,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
         load_weights(Path(config.init))
         if config.redraw_alike:
             redraw_alike(model, tokenizer)
-    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows)
+    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:

@@ -195,14 +195,16 @@ def test_fresh_record_kinds():
     fresh = fresh_worlds.FreshWorlds()
     library = {e.name for e in fresh.asked + fresh.held_out}
     held_out = {e.name for e in fresh.held_out}
-    for kind in ("qa", "fewshot", "dialogue"):
+    for kind in ("qa", "fewshot", "dialogue", "lookup"):
         for r in fresh.validation(kind, 40):
             assert r["kind"] == kind and r["context"]
             assert not any(name in r["context"] + r["prompt"] for name in library)  # the library stays apart
-            if kind == "fewshot":  # demonstrations and the query, as evaluate.py shows MetaICL
+            if kind in ("fewshot", "lookup"):  # demonstrations and the query, as evaluate.py shows MetaICL
                 demos = r["context"].split("\n\n")
                 assert all(re.fullmatch(r"Input: [^\n]+\nOutput: [^\n]+", d) for d in demos)
                 assert re.fullmatch(r"Input: [^\n]+\nOutput:", r["prompt"])
+                if kind == "lookup":  # 2-12 demonstrations, one of which shows the query's label
+                    assert 2 <= len(demos) <= 12 and any(d.endswith(f"\nOutput: {r['answer']}") for d in demos)
             else:  # the answer is in the context; in a dialogue, in a line of Speaker 1
                 lines = r["context"].split("\n") if kind == "dialogue" else [r["context"]]
                 assert any(r["answer"] in line and (kind == "qa" or line.startswith("Speaker 1: "))

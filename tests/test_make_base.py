@@ -74,6 +74,18 @@ def test_copy_rows_recur_spans_of_earlier_pieces_and_are_functions_of_their_keys
         make_base.parse_args(["--copy_rows", "1.5"])
 
 
+def test_lookup_rows_take_a_share_of_the_few_shot_records():
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    assert make_base.FreshSource(tok, 128, seed=0).mix() is MIX  # no reading phase, no look-up rows
+    source = make_base.FreshSource(tok, 256, seed=0, reading=10, lookup=0.25)
+    assert source.mix() == pytest.approx(READING_MIX | {"fewshot": 0.0375, "lookup": 0.0125})
+    source.icl = True
+    mix = source.mix()
+    assert mix == pytest.approx(ICL_MIX | {"fewshot": 0.375, "lookup": 0.125}) and math.isclose(sum(mix.values()), 1.0)
+    with pytest.raises(ValueError, match="--lookup_rows -0.1: expected a share from 0 to 1"):
+        make_base.parse_args(["--lookup_rows", "-0.1"])
+
+
 def test_alike_pieces_lists_embeddings_a_base_cannot_tell_apart():
     torch.manual_seed(0)
     model = make_base.init_tiny_base(make_base.TINY_BASE).requires_grad_(False)
