@@ -344,14 +344,16 @@ def alike_pieces(model: Transformer, tokenizer: Tokenizer, cosine: float = 0.95)
 
 @torch.no_grad()
 def redraw_alike(model: Transformer, tokenizer: Tokenizer) -> int:
-    """Draws the embeddings of the alike pieces anew, random directions at the mean norm of the
-    pieces told apart: what training left in them is one shared direction, never a meaning.
+    """Draws the embeddings of the alike pieces anew from the distribution of the pieces told
+    apart (a random mix of their deviations from their mean, added to it: their mean and
+    covariance): what training left in the alike ones is one shared direction, never a meaning.
     Returns how many were drawn."""
     alike = alike_pieces(model, tokenizer)
     E = model.embed_tokens.weight  # (V, D), tied to the output
-    kept = sorted(set(word_pieces(tokenizer)) - set(alike))
-    fresh = torch.randn(len(alike), E.shape[1], device=E.device)
-    E[alike] = (torch.nn.functional.normalize(fresh, dim=1) * E[kept].norm(dim=1).mean()).to(E.dtype)
+    kept = E[sorted(set(word_pieces(tokenizer)) - set(alike))].float()  # (V', D)
+    mean = kept.mean(dim=0)
+    mix = torch.randn(len(alike), len(kept), device=E.device) / len(kept) ** 0.5
+    E[alike] = (mean + mix @ (kept - mean)).to(E.dtype)
     tqdm.write(f"drew the embeddings of {len(alike)} alike pieces anew")
     return len(alike)
 
