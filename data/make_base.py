@@ -146,8 +146,8 @@ class FreshSource:
     """The base stage's endless training data: text windows (alternately about fresh worlds and
     about the library, or with chance `copy` a copy row) and instruction examples of every kind
     (data/fresh_worlds.py), drawn by READING_MIX for the first `reading` draws, then by MIX, or by
-    ICL_MIX while `icl` is set (mix()). Draw i of rank r is a function of (seed, r, i), so a counter is
-    all the state."""
+    ICL_MIX while `icl` is set (mix()). Draw i of rank r is a function of (seed, r, i), so a
+    counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
                  copy: float = 0.0, lookup: float = 0.0):
