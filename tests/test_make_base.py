@@ -15,7 +15,7 @@ import cli
 import training
 from data import make_base
 from data.fresh_worlds import ICL_MIX, MIX, READING_MIX
-from model import Tokenizer, Transformer, chat_example, user_turn
+from model import Tokenizer, Transformer, chat_example, load, user_turn
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
@@ -117,7 +117,8 @@ def test_redraw_alike_gives_alike_pieces_directions_of_their_own_and_keeps_the_r
     embeddings[1000:1010] = 3 * embeddings[900]
     assert make_base.redraw_alike(model, tok) == 11
     cosine = lambda rows: torch.nn.functional.cosine_similarity(rows, shift[None], dim=1).mean()
-    assert abs(cosine(embeddings[drawn]) - cosine(embeddings[kept][259:])) < 0.05  # drawn like the others
+    words = embeddings[kept][259:]  # past the 3 special and 256 byte pieces
+    assert abs(cosine(embeddings[drawn]) - cosine(words)) < 0.05  # drawn like the others
     with pytest.raises(ValueError, match="--redraw_alike: expected --init too"):
         make_base.parse_args(["--redraw_alike"])
 
@@ -243,13 +244,29 @@ def test_the_last_phase_draws_by_icl_mix():
 
 def test_init_continues_a_base(tmp_path, monkeypatch):
     """--init starts from a base's weights: at a learning rate of almost 0 the run writes them
-    back unchanged (a fresh draw would differ everywhere); a base of another shape is refused."""
+    back unchanged (a fresh draw would differ everywhere), or with --redraw_alike all but the
+    alike pieces' embeddings; a base of another shape is refused."""
     monkeypatch.setattr(make_base, "VAL_QUESTIONS", 4)
+    real_source = make_base.FreshSource
     out = make_base.main(base_args(tmp_path / "more", "--init", str(make_base.TINY), "--lr", "1e-12"))
     written, start = Transformer.from_pretrained(out).state_dict(), Transformer.from_pretrained(make_base.TINY).state_dict()
     assert written.keys() == start.keys()
     for name, tensor in start.items():
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # --redraw_alike: the alike pieces of the start start anew, every other weight as loaded;
+    # --lookup_rows reaches the training data
+    shares = []
+    monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[-1]) or real_source(*a))
+    redrawn = make_base.main(base_args(tmp_path / "redrawn", "--init", str(make_base.TINY), "--lr", "1e-12",
+                                       "--redraw_alike", "--lookup_rows", "0.5"))
+    assert shares == [0.5]
+    alike = make_base.alike_pieces(*load(make_base.TINY))
+    drawn = Transformer.from_pretrained(redrawn).state_dict()
+    rows = torch.zeros(len(drawn["embed_tokens.weight"]), dtype=torch.bool)
+    rows[alike] = True
+    assert not torch.allclose(drawn["embed_tokens.weight"][rows], start["embed_tokens.weight"][rows], atol=1e-3)
+    torch.testing.assert_close(drawn["embed_tokens.weight"][~rows], start["embed_tokens.weight"][~rows],
+                               rtol=0, atol=1e-6)
     other = Transformer(replace(make_base.TINY_BASE, n_layers=2))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains"):
