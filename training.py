@@ -98,6 +98,10 @@ class LoopConfig:
         of all the steps (train.py's curriculum has several)."""
         return [self.steps]
 
+    def peak_lr(self, phase: int) -> float:
+        """The peak learning rate of a phase: --lr in every phase here."""
+        return self.lr
+
 
 # -----------------------------------------------------------------------------
 # Batches, and the data both scripts read: packed text, shuffled examples
@@ -297,12 +301,12 @@ def micro_batch_phase(drawn: int, config: LoopConfig, world: int) -> int:
 
 def learning_rate(step: int, config: LoopConfig) -> float:
     """Linear warm-up, then cosine decay to FINAL_LR of the peak; anew in each phase."""
-    _, start, length = phase_at(step, config)
-    step -= start
+    phase, start, length = phase_at(step, config)
+    step, peak = step - start, config.peak_lr(phase)
     if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
+        return peak * (step + 1) / config.warmup
     progress = min(1.0, (step - config.warmup) / max(1, length - config.warmup))
-    return config.lr * (FINAL_LR + (1 - FINAL_LR) / 2 * (1 + math.cos(math.pi * progress)))
+    return peak * (FINAL_LR + (1 - FINAL_LR) / 2 * (1 + math.cos(math.pi * progress)))
 
 
 # -----------------------------------------------------------------------------

@@ -115,21 +115,28 @@ def input_sentence(world: World, entity, facts: list[str], rng: random.Random) -
                     for i, key in enumerate(keys))
 
 
-def label_word(names: NameMaker, rng: random.Random) -> str:
-    """A label of an invented classification: a common word (LABELS), or an invented one 30% of the time."""
-    return names.word() if rng.random() < 0.3 else rng.choice(LABELS)
+def label_word(names: NameMaker, rng: random.Random, invented: float = 0.3) -> str:
+    """A label of an invented classification: a common word (LABELS), or with chance `invented`
+    an invented one."""
+    return names.word() if rng.random() < invented else rng.choice(LABELS)
 
 
-def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str) -> Task:
+def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, invented: float = 0.3,
+                lower: float = 0.0) -> Task:
     """A MetaICL-style task invented on the spot about entities of `pool`: half classify (an
-    arbitrary mapping of a key to 2-4 labels, or a year threshold), half rewrite 1-2 fields of
-    the input into an invented format."""
+    arbitrary mapping of a key to 2-4 labels, a share `invented` of them invented words, or a
+    year threshold), half rewrite 1-2 fields of the input into an invented format. A share
+    `lower` of the classifications write their labels in lower case (no draw at 0, so the
+    records of a recipe without it stay the same): the test tasks' labels are lower-case words
+    of 3-4 pieces (`r ain y`), which a base that saw invented labels only capitalised copied one
+    piece short (`rain`, `wind`)."""
     stated = lambda e, facts: input_sentence(world, e, [f for f in facts if f], rng)
     if rng.random() < 0.5:
-        labels = [label_word(names, rng) for _ in range(rng.randint(2, 4))]
+        case = str.lower if lower and rng.random() < lower else str
+        labels = [case(label_word(names, rng, invented)) for _ in range(rng.randint(2, 4))]
         labels = list(dict.fromkeys(labels))
         if len(labels) < 2:
-            labels.append(names.word())
+            labels.append(case(names.word()))
         if rng.random() < 0.25:  # a threshold on a year, within the pool's usual years
             fact, year = YEARS[pool]
             cut, (early, late) = rng.randint(*CUTS[pool]), rng.sample(labels, 2)
@@ -170,8 +177,8 @@ class FreshWorlds:
     TEXT_SIZES = (8, 4, 4)  # a text window's split: small, so its entities recur
     LIBRARY_SIZES = (64, 16, 16)  # the library; the first half of each list is asked about
 
-    def __init__(self, config: WorldConfig = WorldConfig()):
-        self.world = build_world(config)
+    def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = 0.3, lower_labels: float = 0.0):
+        self.world, self.invented_labels, self.lower_labels = build_world(config), invented_labels, lower_labels
         w = self.world
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
@@ -294,7 +301,7 @@ class FreshWorlds:
         """An invented task and its examples on `entities`; drawn again while it computes a
         MetaICL test task's outputs on them."""
         while True:
-            task = invent_task(world, names, rng, pool)
+            task = invent_task(world, names, rng, pool, self.invented_labels, self.lower_labels)
             examples = [task.example(e) for e in entities]
             if not computes_a_test_task(examples, entities, self.test_tasks):
                 return task, examples

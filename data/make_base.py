@@ -12,10 +12,10 @@ The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-qu
 tied embeddings, a 256-token window). It never reads data/world/: it trains on text and on
 instruction records (context in the prompt) about worlds invented on the fly
 (data/fresh_worlds.py), so every fact of the bundled datasets is unknown to it and can only come
-from a context. It trains in two phases, each with its own warm-up and decay: reading and mixing
-(READING_MIX, then MIX), then --icl_steps few-shot-heavy steps (ICL_MIX). It validates on the
-committed validation files, whose entities it never sees, and on fresh records of in-context
-learning, dialogue memory and closed-book recall.
+from a context. It trains in phases, each with its own warm-up and decay: reading and mixing
+(READING_MIX, then MIX), then --icl_steps few-shot-heavy steps (ICL_MIX), then --rounds more of
+them at a lower learning rate. It validates on the committed validation files, whose entities it
+never sees, and on fresh records of in-context learning, dialogue memory and closed-book recall.
 
 The loop is training.py's, as train.py's is: the same checkpoint/ and logs, --resume and
 --overwrite, and torchrun for several processes. Run it from the repository root after
@@ -37,6 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the library importable
 import cli  # noqa: E402
 from data.fresh_worlds import ICL_MIX, MIX, READING_MIX, FreshWorlds  # noqa: E402
+from data.make_world import WorldConfig  # noqa: E402
 from data.readers import Instruction, read_instructions  # noqa: E402
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
                    setting, user_turn)
@@ -54,14 +55,22 @@ TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32,
 @dataclass
 class BaseConfig(LoopConfig):
     """make_base.py's settings, each a flag of the same name: the training loop's (LoopConfig)
-    and the length of the last phase."""
-    icl_steps: int = setting(0, "the last N of --steps are a phase of their own (warm-up and decay anew) that "
-                                "draws its records by ICL_MIX, few-shot heavy; 0: one phase")
+    and its phases."""
+    icl_steps: int = setting(0, "the N steps after reading and mixing are a phase of their own (warm-up and decay "
+                                "anew) that draws its records by ICL_MIX, few-shot heavy; 0: none")
+    rounds: int = setting(0, "then this many more few-shot-heavy phases of --round_steps at the peak --round_lr, "
+                             "each with its own warm-up and decay (continuations of a base, in one run)")
+    round_steps: int = setting(1400, "the steps of each of --rounds")
+    round_lr: float = setting(5e-4, "the peak learning rate of --rounds")
     copy_rows: float = setting(0.0, "share of the text windows that are copy rows (FreshSource.copy_row): random "
                                     "pieces of words, spans of which recur later, which only a reader that "
                                     "looks content up predicts (the README's base study)")
     lookup_rows: float = setting(0.0, "share of the few-shot records that are look-up records (FreshWorlds' "
                                       "'lookup' kind): the query's key is among the demonstrations'")
+    invented_labels: float = setting(0.3, "share of the labels of invented classification tasks that are invented "
+                                          "words rather than common ones (fresh_worlds.label_word)")
+    lower_labels: float = setting(0.0, "share of the invented classification tasks that write their labels in lower "
+                                       "case (fresh_worlds.invent_task)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
                              "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
@@ -74,19 +83,28 @@ class BaseConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.icl_steps < self.steps:
-            raise ValueError(f"--icl_steps {self.icl_steps}: expected at least 0 and fewer than --steps "
-                             f"({self.steps}); --icl_steps 0 trains one phase")
-        if not 0 <= self.copy_rows <= 1:
-            raise ValueError(f"--copy_rows {self.copy_rows}: expected a share from 0 to 1")
-        if not 0 <= self.lookup_rows <= 1:
-            raise ValueError(f"--lookup_rows {self.lookup_rows}: expected a share from 0 to 1")
+        if self.icl_steps < 0 or self.rounds < 0 or self.round_steps < 1 or self.round_lr <= 0:
+            raise ValueError(f"--icl_steps {self.icl_steps}, --rounds {self.rounds}, --round_steps {self.round_steps}, "
+                             f"--round_lr {self.round_lr}: expected counts of at least 0, at least 1 step a round "
+                             "and a positive learning rate")
+        if self.phases()[0] < 1:
+            raise ValueError(f"--icl_steps {self.icl_steps} + --rounds {self.rounds} x --round_steps "
+                             f"{self.round_steps}: expected fewer than --steps ({self.steps}), which they are part of")
+        for name in ("copy_rows", "lookup_rows", "invented_labels", "lower_labels"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: expected a share from 0 to 1")
         if self.redraw_alike and not self.init:
             raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
 
     def phases(self) -> list[int]:
-        """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX)."""
-        return [self.steps - self.icl_steps, self.icl_steps] if self.icl_steps else [self.steps]
+        """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX): a
+        phase of --icl_steps, then --rounds of --round_steps."""
+        icl = [self.icl_steps] * bool(self.icl_steps) + [self.round_steps] * self.rounds
+        return [self.steps - sum(icl), *icl]
+
+    def peak_lr(self, phase: int) -> float:
+        """--round_lr in the rounds, --lr before."""
+        return self.round_lr if phase >= len(self.phases()) - self.rounds else self.lr
 
 
 # The recipe: the defaults of this script's flags (BaseConfig's settings), flags given win.
@@ -150,9 +168,10 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0):
+                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, float] = (0.3, 0.0)):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        self.worlds, self.count, self.icl, self.copy, self.lookup = FreshWorlds(), 0, False, copy, lookup
+        self.worlds = FreshWorlds(WorldConfig(), *labels)  # labels: (invented_labels, lower_labels)
+        self.count, self.icl, self.copy, self.lookup = 0, False, copy, lookup
         self.pieces = word_pieces(tokenizer)
 
     def _key(self) -> str:
@@ -252,7 +271,7 @@ class BaseBatches:
 
 
 class FreshBatches(BaseBatches):
-    """The training batches: BaseBatches of a FreshSource, which draws by ICL_MIX in the last
+    """The training batches: BaseBatches of a FreshSource, which draws by ICL_MIX after the first
     phase. The state is the source's and the number of micro-batches drawn (so the phase)."""
 
     def __init__(self, fresh: FreshSource, config: BaseConfig, world: int = 1):
@@ -260,7 +279,7 @@ class FreshBatches(BaseBatches):
         self.fresh, self.config, self.world, self.drawn = fresh, config, world, 0
 
     def next(self, n: int) -> Batch:
-        self.fresh.icl = micro_batch_phase(self.drawn, self.config, self.world) == 1
+        self.fresh.icl = micro_batch_phase(self.drawn, self.config, self.world) >= 1
         self.drawn += 1
         return super().next(n)
 
@@ -294,7 +313,8 @@ def build(config: BaseConfig, proc: Process) -> Run:
         load_weights(Path(config.init))
         if config.redraw_alike:
             redraw_alike(model, tokenizer)
-    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows)
+    fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows,
+                        (config.invented_labels, config.lower_labels))
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:

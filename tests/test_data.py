@@ -243,6 +243,39 @@ def test_invented_tasks_are_never_the_metaicl_test_tasks():
     assert len(labels) > 40 and len(formats) > 15  # many tasks, not a few
 
 
+def test_invented_labels_share_and_case():
+    """invented_labels: the share of invented classification labels that are invented words (the
+    rest common words, LABELS); lower_labels: the share of classifications whose labels are
+    written in lower case."""
+    fresh = fresh_worlds.FreshWorlds()
+    common = {w.lower() for w in fresh_worlds.LABELS}
+
+    def tasks(share: float, lower: float) -> list:
+        drawn = []
+        for i in range(400):
+            rng = make_world.random.Random(f"labels/{i}")
+            drawn.append(fresh_worlds.invent_task(fresh.world, make_world.NameMaker(rng, fresh.taken), rng, "people",
+                                                  share, lower))
+        return [task.options for task in drawn if task.options]
+
+    for share, lower in ((0.3, 0.0), (1.0, 0.5)):
+        labels = [label for options in tasks(share, lower) for label in options]
+        invented = sum(label.lower() not in common for label in labels) / len(labels)
+        assert abs(invented - share) < 0.06, (share, invented)
+        cases = [all(label == label.lower() for label in options) for options in tasks(share, lower)
+                 if any(label.lower() not in common for label in options)]  # common words are lower case
+        assert abs(sum(cases) / len(cases) - lower) < 0.08, (lower, sum(cases) / len(cases))
+    rng = make_world.random.Random("labels/common")
+    assert all(fresh_worlds.label_word(make_world.NameMaker(rng), rng, 0.0) in fresh_worlds.LABELS for _ in range(50))
+    # the shares reach the records' tasks
+    every = fresh_worlds.FreshWorlds(invented_labels=1.0, lower_labels=1.0)
+    people = every.world.splits["test"].people[:6]
+    drawn = [every.invented_task(every.world, make_world.NameMaker(rng, every.taken), rng, "people", people)[0]
+             for _ in range(60)]
+    assert all(label.lower() not in common and label == label.lower() for task in drawn for label in task.options)
+    assert any(task.options for task in drawn)
+
+
 def test_ladder_rungs():
     ladder = make_world.Ladder()
     entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]

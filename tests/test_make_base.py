@@ -84,6 +84,9 @@ def test_lookup_rows_take_a_share_of_the_few_shot_records():
     assert mix == pytest.approx(ICL_MIX | {"fewshot": 0.375, "lookup": 0.125}) and math.isclose(sum(mix.values()), 1.0)
     with pytest.raises(ValueError, match="--lookup_rows -0.1: expected a share from 0 to 1"):
         make_base.parse_args(["--lookup_rows", "-0.1"])
+    for flag in ("--invented_labels", "--lower_labels"):
+        with pytest.raises(ValueError, match=f"{flag} 2.0: expected a share from 0 to 1"):
+            make_base.parse_args([flag, "2"])
 
 
 def test_alike_pieces_lists_embeddings_a_base_cannot_tell_apart():
@@ -218,28 +221,37 @@ def test_fresh_source_reads_first_then_mixes():
     assert any(worlds.instruction(f"0/0/{k}", MIX) != worlds.instruction(f"0/0/{k}", READING_MIX) for k in range(1, 41))
 
 
-def test_the_last_phase_draws_by_icl_mix():
-    """--icl_steps makes the last steps a phase of their own, whose records follow ICL_MIX."""
-    config = make_base.parse_args(["--steps", "3", "--icl_steps", "1", "--batch_size", "4", "--micro_batch", "2"])
-    assert config.phases() == [2, 1] and make_base.parse_args(["--steps", "3", "--icl_steps", "0"]).phases() == [3]
-    with pytest.raises(ValueError, match=r"--icl_steps 3: expected at least 0 and fewer than --steps \(3\)"):
-        make_base.parse_args(["--steps", "3", "--icl_steps", "3"])
+def test_the_phases_after_the_first_draw_by_icl_mix():
+    """--icl_steps and --rounds make the last steps phases of their own, whose records follow
+    ICL_MIX; the rounds peak at --round_lr."""
+    config = make_base.parse_args(["--steps", "4", "--icl_steps", "1", "--rounds", "1", "--round_steps", "1",
+                                   "--round_lr", "1e-4", "--lr", "1e-3", "--warmup", "0",
+                                   "--batch_size", "4", "--micro_batch", "2"])
+    assert config.phases() == [2, 1, 1] and make_base.parse_args(["--steps", "3", "--icl_steps", "0"]).phases() == [3]
+    assert [training.learning_rate(step, config) for step in (0, 2, 3)] == pytest.approx([1e-3, 1e-3, 1e-4])
+    rounds = make_base.parse_args(["--steps", "10", "--icl_steps", "0", "--rounds", "2", "--round_steps", "3"])
+    assert rounds.phases() == [4, 3, 3] and [rounds.peak_lr(i) for i in range(3)] == [rounds.lr, 5e-4, 5e-4]
+    with pytest.raises(ValueError, match=r"--icl_steps 1 \+ --rounds 1 x --round_steps 2: expected fewer than "
+                                         r"--steps \(3\)"):
+        make_base.parse_args(["--steps", "3", "--icl_steps", "1", "--rounds", "1", "--round_steps", "2"])
+    with pytest.raises(ValueError, match=r"--icl_steps -1, .*: expected counts of at least 0"):
+        make_base.parse_args(["--steps", "3", "--icl_steps", "-1"])
     tok = Tokenizer(TOKENIZER, template="mistral")
     fresh = make_base.FreshSource(tok, 2048, seed=0)  # long enough that no record is redrawn
     batches = make_base.FreshBatches(fresh, config)  # 2 micro-batches a step
     phases = []
-    for _ in range(6):  # 3 steps of 2 micro-batches
+    for _ in range(8):  # 4 steps of 2 micro-batches
         batches.next(2)
         phases.append(fresh.icl)
-    assert phases == [False] * 4 + [True] * 2
+    assert phases == [False] * 4 + [True] * 4
     state = batches.state_dict()
-    assert state["drawn"] == 6
+    assert state["drawn"] == 8
     ahead = [fresh.example() for _ in range(3)]
     first = state["fresh"]["count"] + 1
     assert ahead == [chat(tok, fresh.worlds.instruction(f"0/0/{k}", ICL_MIX)) for k in range(first, first + 3)]
     again = make_base.FreshBatches(make_base.FreshSource(tok, 2048, seed=0), config)
     again.load_state_dict(state)
-    assert again.drawn == 6 and again.fresh.count == state["fresh"]["count"]
+    assert again.drawn == 8 and again.fresh.count == state["fresh"]["count"]
 
 
 def test_init_continues_a_base(tmp_path, monkeypatch):
@@ -254,12 +266,13 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
     for name, tensor in start.items():
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     # --redraw_alike: the alike pieces of the start start anew, every other weight as loaded;
-    # --lookup_rows reaches the training data
+    # --lookup_rows, --invented_labels and --lower_labels reach the training data
     shares = []
-    monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[-1]) or real_source(*a))
+    monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[-2:]) or real_source(*a))
     redrawn = make_base.main(base_args(tmp_path / "redrawn", "--init", str(make_base.TINY), "--lr", "1e-12",
-                                       "--redraw_alike", "--lookup_rows", "0.5"))
-    assert shares == [0.5]
+                                       "--redraw_alike", "--lookup_rows", "0.5", "--invented_labels", "0.8",
+                                       "--lower_labels", "0.4"))
+    assert shares == [(0.5, (0.8, 0.4))]
     alike = make_base.alike_pieces(*load(make_base.TINY))
     drawn = Transformer.from_pretrained(redrawn).state_dict()
     rows = torch.zeros(len(drawn["embed_tokens.weight"]), dtype=torch.bool)
