@@ -57,6 +57,7 @@ LABELS = ("yes", "no", "true", "false", "high", "low", "left", "right", "red", "
           "alpha", "beta", "gamma", "delta", "near", "far", "old", "new", "fast", "slow", "inner", "outer",
           "positive", "negative", "plus", "minus", "north", "south", "east", "west", "A", "B", "C", "D",
           "one", "two", "three", "four", "open", "closed", "light", "heavy", "calm", "loud", "odd", "even")
+INVENTED_LABELS = 0.3  # the share of labels that are invented words instead (make_base.py --invented_labels)
 # Words that prefix an invented free-form output ("Place: Tesk").
 PREFIXES = ("Answer", "Place", "Year", "Name", "Code", "Tag", "Label", "Result", "Info", "Key", "Value",
             "Out", "Item", "Entry", "Record", "Note", "Field", "Data")
@@ -115,14 +116,14 @@ def input_sentence(world: World, entity, facts: list[str], rng: random.Random) -
                     for i, key in enumerate(keys))
 
 
-def label_word(names: NameMaker, rng: random.Random, invented: float = 0.3) -> str:
+def label_word(names: NameMaker, rng: random.Random, invented: float) -> str:
     """A label of an invented classification: a common word (LABELS), or with chance `invented`
     an invented one."""
     return names.word() if rng.random() < invented else rng.choice(LABELS)
 
 
-def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, invented: float = 0.3,
-                lower: float = 0.0) -> Task:
+def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, invented: float,
+                lower: float) -> Task:
     """A MetaICL-style task invented on the spot about entities of `pool`: half classify (an
     arbitrary mapping of a key to 2-4 labels, a share `invented` of them invented words, or a
     year threshold), half rewrite 1-2 fields of the input into an invented format. A share
@@ -177,7 +178,8 @@ class FreshWorlds:
     TEXT_SIZES = (8, 4, 4)  # a text window's split: small, so its entities recur
     LIBRARY_SIZES = (64, 16, 16)  # the library; the first half of each list is asked about
 
-    def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = 0.3, lower_labels: float = 0.0):
+    def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = INVENTED_LABELS,
+                 lower_labels: float = 0.0):
         self.world, self.invented_labels, self.lower_labels = build_world(config), invented_labels, lower_labels
         w = self.world
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
@@ -289,7 +291,7 @@ class FreshWorlds:
         names = self._names(rng)
         labels = []
         while len(labels) < len(values):
-            label = label_word(names, rng)
+            label = label_word(names, rng, self.invented_labels)
             labels += [label] if label not in labels else []
         mapping = dict(zip(values, labels))
         examples = [(input_sentence(world, e, [fact], rng), mapping[value(e)]) for e in entities]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the library importable
 import cli  # noqa: E402
-from data.fresh_worlds import ICL_MIX, MIX, READING_MIX, FreshWorlds  # noqa: E402
+from data.fresh_worlds import ICL_MIX, INVENTED_LABELS, MIX, READING_MIX, FreshWorlds  # noqa: E402
 from data.make_world import WorldConfig  # noqa: E402
 from data.readers import Instruction, read_instructions  # noqa: E402
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
@@ -67,8 +67,8 @@ class BaseConfig(LoopConfig):
                                     "looks content up predicts (the README's base study)")
     lookup_rows: float = setting(0.0, "share of the few-shot records that are look-up records (FreshWorlds' "
                                       "'lookup' kind): the query's key is among the demonstrations'")
-    invented_labels: float = setting(0.3, "share of the labels of invented classification tasks that are invented "
-                                          "words rather than common ones (fresh_worlds.label_word)")
+    invented_labels: float = setting(INVENTED_LABELS, "share of the labels of invented classification tasks that "
+                                                      "are invented words rather than common ones (label_word)")
     lower_labels: float = setting(0.0, "share of the invented classification tasks that write their labels in lower "
                                        "case (fresh_worlds.invent_task)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
@@ -168,9 +168,9 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, float] = (0.3, 0.0)):
+                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, float] = ()):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        self.worlds = FreshWorlds(WorldConfig(), *labels)  # labels: (invented_labels, lower_labels)
+        self.worlds = FreshWorlds(WorldConfig(), *labels)  # labels: (invented_labels, lower_labels), or its defaults
         self.count, self.icl, self.copy, self.lookup = 0, False, copy, lookup
         self.pieces = word_pieces(tokenizer)
 
