@@ -168,7 +168,7 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, float] = ()):
+                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, ...] = ()):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
         self.worlds = FreshWorlds(WorldConfig(), *labels)  # labels: (invented_labels, lower_labels), or its defaults
         self.count, self.icl, self.copy, self.lookup = 0, False, copy, lookup
