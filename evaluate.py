@@ -434,7 +434,7 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     if method in ADAPTER_METHODS:
         contexts = unit.oracles if method == "adapter_oracle" else [unit.context] * len(unit.queries)
         return adapter_answers(unit, contexts, model, tokenizer, generator, settings)
-    args, extra_flops, storage, adapter = model.args, 0, None, None
+    args, extra_flops, storage, adapter, kept = model.args, 0, None, None, []
     prompts = [query_prompt(tokenizer, q) for q in unit.queries]
     if method in ("prompt", "prompt_oracle", "rag"):
         budget = args.max_seq_len - settings.max_new_tokens
@@ -444,13 +444,22 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
             contexts = [unit.context] * len(unit.queries) if method == "prompt" else unit.oracles
             storage = mean(kv_cache_floats(args, len(context_ids(tokenizer, c))) for c in dict.fromkeys(contexts))
         prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
+        if method == "prompt" and unit.demos:
+            kept = [demos_in_prompt(tokenizer, q, unit.demos, budget) for q in unit.queries]
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
     texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
     ranks = unit_ranks(model, tokenizer, prompts, unit, range(len(prompts)), adapter)
     return {"predictions": texts, "ranks": ranks, "tokens": tokens, "flops": flops + extra_flops,
-            "query_flops": flops / len(unit.queries), "storage_floats": storage}
+            "query_flops": flops / len(unit.queries), "storage_floats": storage, "demos_in_prompt": kept}
+
+
+def demos_in_prompt(tokenizer: Tokenizer, query: str, demos: list[tuple[str, str]], budget: int) -> int:
+    """How many demonstrations a few-shot prompt cut to `budget` tokens holds whole: the last
+    ones, as many as fit beside the query (fitted_prompt cuts the earlier ones)."""
+    fits = lambda n: len(query_prompt(tokenizer, query, fewshot_context(demos[len(demos) - n:]))) <= budget
+    return max((n for n in range(1, len(demos) + 1) if fits(n)), default=0)
 
 
 def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokenizer: Tokenizer,
@@ -483,14 +492,17 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
 # Scoring and tables
 
 
-def score_unit(unit: Unit, predictions: list[str], ranks: list[dict]) -> list[dict]:
+def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], kept: list[int] = ()) -> list[dict]:
     """Per-query scores: QA metrics (with the gold's rank where there are candidates, and whether
-    a wrong answer was taken from the context), or MetaICL's case-insensitive exact match."""
+    a wrong answer was taken from the context), or MetaICL's case-insensitive exact match (with
+    the demonstrations the prompt held whole, where `kept` counts them)."""
     ranks = ranks or [{}] * len(predictions)
     if unit.demos:
         majority = Counter(y for _, y in unit.demos).most_common(1)[0][0]
+        kept = [{"demos_in_prompt": n} for n in kept] or [{}] * len(predictions)
         return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()),
-                 "majority_label": float(majority == g[0]), **r} for p, g, r in zip(predictions, unit.golds, ranks)]
+                 "majority_label": float(majority == g[0]), **r, **k}
+                for p, g, r, k in zip(predictions, unit.golds, ranks, kept)]
     return [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r}
             for p, g, r in zip(predictions, unit.golds, ranks)]
 
@@ -521,12 +533,15 @@ def summarize(task: str, method: str, units: list[Unit], outputs: list[dict], wa
             row["macro_f1"] = mean(macro_f1([p.strip() for p in o["predictions"]], [g[0] for g in u.golds], u.options)
                                    for u, o in mine)
             row["label_top1"] = mean(mean(s["gold_top1"] for s in o["scores"]) for _, o in mine)
+        if "demos_in_prompt" in mine[0][1]["scores"][0]:
+            row["demos_in_prompt"] = mean(s["demos_in_prompt"] for _, o in mine for s in o["scores"])
         rows.append(row)
     summary = {"method": method, "task": "all", "shots": units[0].key["shots"],
                "accuracy": mean(r["accuracy"] for r in rows),
                "classification_accuracy": mean(r["accuracy"] for r in rows if r["classification"]),
                "non_classification_accuracy": mean(r["accuracy"] for r in rows if not r["classification"]),
                "classification_label_top1": mean(r["label_top1"] for r in rows if r["classification"]),
+               **({"demos_in_prompt": mean(r["demos_in_prompt"] for r in rows)} if "demos_in_prompt" in rows[0] else {}),
                **costs}
     return rows + [summary]
 
@@ -568,7 +583,9 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                  table("classification_accuracy", "shots", "classification tasks", select=summary),
                  table("non_classification_accuracy", "shots", "non-classification tasks", select=summary),
                  table("classification_label_top1", "shots", "classification tasks: the gold label scored above "
-                       "the task's other labels (%; the greedy answer may be none of them)", select=summary)]
+                       "the task's other labels (%; the greedy answer may be none of them)", select=summary),
+                 table("demos_in_prompt", "shots", "demonstrations the prompt holds whole, on average over the "
+                       "tasks (the earlier ones are cut to the base's window)", select=summary, scale=1.0)]
         column = "shots"
     elif task == "lookup":
         parts = [table("accuracy", "shots", "accuracy by demonstrations in the context"),
@@ -739,7 +756,8 @@ def main(argv=None) -> dict:
                     for unit in tqdm(group, desc=f"{method}" + (f" {column}={value}" if column else ""),
                                      unit="context", leave=False):
                         result = run_method(method, unit, model, tokenizer, generator, settings)
-                        result["scores"] = score_unit(unit, result["predictions"], result.pop("ranks"))
+                        result["scores"] = score_unit(unit, result["predictions"], result.pop("ranks"),
+                                                      result.pop("demos_in_prompt", []))
                         outputs.append(result)
                         for q, p, g, s in zip(unit.queries, result["predictions"], unit.golds, result["scores"]):
                             predictions.write(json.dumps({**unit.key, "query": q, "prediction": p,

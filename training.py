@@ -477,8 +477,10 @@ def recorded_config(values: dict, config: type, start: Path) -> dict:
 
 def check_resumed_config(saved: dict, config: LoopConfig) -> None:
     """A resumed run must keep its hyperparameters; changing the step budget only warns. The
-    checkpoint's paths are portable (relative to the repository); the current ones are made so."""
-    saved = recorded_config(saved, type(config), ROOT)
+    checkpoint's paths are portable (relative to the repository); the current ones are made so.
+    A setting the checkpoint does not record (added since it was written) had its default."""
+    defaults = recorded_config(cli.flag_values(type(config)()), type(config), ROOT)
+    saved = defaults | recorded_config(saved, type(config), ROOT)
     current = recorded_config(cli.flag_values(config), type(config), Path.cwd())
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:

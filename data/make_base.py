@@ -65,6 +65,9 @@ class BaseConfig(LoopConfig):
     copy_rows: float = setting(0.0, "share of the text windows that are copy rows (FreshSource.copy_row): random "
                                     "pieces of words, spans of which recur later, which only a reader that "
                                     "looks content up predicts (the README's base study)")
+    recall_rows: float = setting(0.0, "share of the text windows that are recall rows (FreshSource.recall_row): "
+                                      "random keys and values, keys asked again, which only a reader that finds "
+                                      "the key and copies the value after it predicts")
     lookup_rows: float = setting(0.0, "share of the few-shot records that are look-up records (FreshWorlds' "
                                       "'lookup' kind): the query's key is among the demonstrations'")
     invented_labels: float = setting(INVENTED_LABELS, "share of the labels of invented classification tasks that "
@@ -90,9 +93,12 @@ class BaseConfig(LoopConfig):
         if self.phases()[0] < 1:
             raise ValueError(f"--icl_steps {self.icl_steps} + --rounds {self.rounds} x --round_steps "
                              f"{self.round_steps}: expected fewer than --steps ({self.steps}), which they are part of")
-        for name in ("copy_rows", "lookup_rows", "invented_labels", "lower_labels"):
+        for name in ("copy_rows", "recall_rows", "lookup_rows", "invented_labels", "lower_labels"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: expected a share from 0 to 1")
+        if self.copy_rows + self.recall_rows > 1:
+            raise ValueError(f"--copy_rows {self.copy_rows} + --recall_rows {self.recall_rows}: expected at most 1, "
+                             "shares of the same text windows")
         if self.redraw_alike and not self.init:
             raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
 
@@ -115,6 +121,7 @@ RECIPE = dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD /
 # first 2,900 steps.
 READING_DRAWS = 120_000
 COPY_SPAN = (2, 12)  # the lengths of the spans a copy row repeats, in pieces
+RECALL_VALUES = (2, 8)  # how many values a recall row's keys map to
 TASKS = ("text", "answer")  # the losses: next token of text rows, and of answers
 # What validation measures on fresh records besides the files: in-context learning of invented
 # tasks, dialogue memory, and closed-book answers about the library's entities never asked about.
@@ -168,10 +175,10 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, ...] = ()):
+                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, ...] = (), recall: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
         self.worlds = FreshWorlds(WorldConfig(), *labels)  # labels: (invented_labels, lower_labels), or its defaults
-        self.count, self.icl, self.copy, self.lookup = 0, False, copy, lookup
+        self.count, self.icl, self.copy, self.recall, self.lookup = 0, False, copy, recall, lookup
         self.pieces = word_pieces(tokenizer)
 
     def _key(self) -> str:
@@ -195,13 +202,40 @@ class FreshSource:
                 ids += ids[start:start + n]
         return ids[:self.length]
 
+    def recall_row(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        """A recall row of `length` tokens, and where the values of its repeated entries start
+        (recall_accuracy asks them): BOS, then entries `key sep value end` of random
+        pieces of words (a key of 1-3 pieces, one of RECALL_VALUES values of 1-4 pieces; sep and
+        end of 1-3 and 1-2 pieces, the same for the whole row); half the entries, once there are
+        two, repeat an earlier one. A repeated entry's value follows its key only through sep, as a
+        demonstration's label follows its input through `Output:`, and sep is followed by every
+        value of the row: a reader that copies what followed sep's last occurrence is wrong, only
+        one that finds the key and skips sep is right. The multi-query associative recall of
+        Arora et al. 2023 ("Zoology"), with the separator of a few-shot prompt, which copy rows
+        (a span's next piece follows the piece before it) never ask for."""
+        sep, end = rng.choices(self.pieces, k=rng.randint(1, 3)), rng.choices(self.pieces, k=rng.randint(1, 2))
+        values = [rng.choices(self.pieces, k=rng.randint(1, 4)) for _ in range(rng.randint(*RECALL_VALUES))]
+        entries, ids, asked = [], [self.tokenizer.bos_id], []
+        while len(ids) < self.length:
+            if len(entries) >= 2 and rng.random() < 0.5:
+                key, value = rng.choice(entries)
+                asked.append(len(ids) + len(key) + len(sep))
+            else:
+                key, value = rng.choices(self.pieces, k=rng.randint(1, 3)), rng.choice(values)
+                entries.append((key, value))
+            ids += key + sep + value + end
+        return ids[:self.length], [i for i in asked if i < self.length]
+
     def next(self) -> list[int]:
-        """A text window of `length` tokens (BOS, then documents), or a copy row."""
+        """A text window of `length` tokens (BOS, then documents), or a copy or recall row."""
         while True:
             key = self._key()
             rng = random.Random(f"fresh/copy/{key}")
-            if rng.random() < self.copy:
+            draw = rng.random()
+            if draw < self.copy:
                 return self.copy_row(rng)
+            if draw < self.copy + self.recall:
+                return self.recall_row(rng)[0]
             ids = self.tokenizer.encode(self.worlds.text(key, library=self.count % 2 == 0))
             if len(ids) >= self.length:
                 return ids[:self.length]
@@ -314,7 +348,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
         if config.redraw_alike:
             redraw_alike(model, tokenizer)
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows,
-                        (config.invented_labels, config.lower_labels))
+                        (config.invented_labels, config.lower_labels), config.recall_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:
@@ -350,6 +384,20 @@ def answer_accuracy(model: Transformer, tokenizer: Tokenizer, records, with_cont
 
 
 @torch.no_grad()
+def recall_accuracy(model: Transformer, tokenizer: Tokenizer, rows: int = 32) -> float:
+    """Look-up through a separator in its plainest form: on `rows` fresh recall rows (drawn
+    apart from training's), how often the greedy next piece after a repeated entry's key and sep
+    is its value's first piece. Answering any value of the row is right about one time in four
+    (RECALL_VALUES); only finding the key is right every time."""
+    source = FreshSource(tokenizer, TINY_BASE.max_seq_len, 0)
+    drawn = [source.recall_row(random.Random(f"fresh/recall/validation/{i}")) for i in range(rows)]
+    tokens = torch.tensor([ids for ids, _ in drawn], device=model.embed_tokens.weight.device)  # (B, L)
+    predicted = model(tokens).argmax(-1)  # (B, L): the piece predicted after each position
+    hits = [predicted[b, i - 1] == tokens[b, i] for b, (_, asked) in enumerate(drawn) for i in asked]
+    return torch.stack(hits).float().mean().item()
+
+
+@torch.no_grad()
 def alike_pieces(model: Transformer, tokenizer: Tokenizer, cosine: float = 0.95) -> list[int]:
     """The pieces of words (word_pieces) whose embedding is almost the same as another's (cosine
     above `cosine`): pieces the base cannot tell apart, hence cannot copy. A piece the base never
@@ -382,19 +430,22 @@ def validate(batches: list[Batch], step: int, *, model: Transformer, tokenizer: 
              questions: list[Instruction], worlds: FreshWorlds) -> dict:
     """Perplexity per task; greedy exact match on the validation questions with their context in
     the prompt and closed-book, and on fresh validation records of each of SKILLS. Printed, and
-    returned for validation.jsonl; and how many pieces the base cannot tell apart (alike_pieces)."""
+    returned for validation.jsonl; and how many pieces the base cannot tell apart (alike_pieces)
+    and how often it looks a key up through a separator (recall_accuracy)."""
     ppl = perplexities(lambda b: base_forward(model, b), batches, TASKS)
     em_context = answer_accuracy(model, tokenizer, questions, with_context=True)
     em_closed = answer_accuracy(model, tokenizer, questions, with_context=False)
     skills = {kind: answer_accuracy(model, tokenizer, [Instruction(r["context"], r["prompt"], r["answer"])
                                                        for r in worlds.validation(kind, VAL_QUESTIONS)],
                                     with_context=True) for kind in SKILLS}
-    alike = len(alike_pieces(model, tokenizer))
+    alike, recall = len(alike_pieces(model, tokenizer)), recall_accuracy(model, tokenizer)
     tqdm.write(f"step {step}: text ppl {ppl['text']:.2f}, answer ppl {ppl['answer']:.2f}, "
                f"exact match with context {em_context:.1%}, closed-book {em_closed:.1%}; fresh "
-               + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items()) + f"; alike pieces {alike}")
+               + ", ".join(f"{kind} {em:.1%}" for kind, em in skills.items())
+               + f"; alike pieces {alike}; recall rows {recall:.1%}")
     return {"ppl": ppl, "exact_match_with_context": em_context, "exact_match_closed_book": em_closed,
-            **{f"exact_match_fresh_{kind}": em for kind, em in skills.items()}, "alike_pieces": alike}
+            **{f"exact_match_fresh_{kind}": em for kind, em in skills.items()}, "alike_pieces": alike,
+            "recall_rows": recall}
 
 
 def finish(config: BaseConfig, model: Transformer) -> None:

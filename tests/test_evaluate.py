@@ -171,6 +171,22 @@ def test_every_task_and_method_end_to_end(tiny, task):
         assert {r["shots"] for r in summary} == {1, 2} and all("classification_accuracy" in r for r in summary)
         assert all(0 <= r["classification_label_top1"] <= 1 for r in summary)
         assert "the gold label scored above the task's other labels" in (out / "results.md").read_text()
+        kept = {r["method"]: r.get("demos_in_prompt") for r in summary if r["shots"] == 2}
+        assert kept["prompt"] == 2 and all(kept[m] is None for m in kept if m != "prompt")  # only prompt cuts them
+        assert "demonstrations the prompt holds whole" in (out / "results.md").read_text()
+
+
+def test_demos_in_prompt_counts_what_the_cut_prompt_holds(tiny):
+    _, tokenizer = evaluate.load(tiny / "base", "cpu")
+    demos = [(f"Pebor Koustom{i} works as a nurse.", f"label{i}") for i in range(16)]
+    query = evaluate.fewshot_query("Mouten Houn works as a mechanic.")
+    whole = len(query_prompt(tokenizer, query, evaluate.fewshot_context(demos)))
+    for budget in (40, 100, 150, 246, whole):
+        n = evaluate.demos_in_prompt(tokenizer, query, demos, budget)
+        held = tokenizer.decode(evaluate.fitted_prompt(tokenizer, query, evaluate.fewshot_context(demos), budget))
+        assert all(f"Input: {x}\nOutput: {y}" in held for x, y in demos[16 - n:])
+        assert n == 16 or f"Input: {demos[15 - n][0]}\nOutput: {demos[15 - n][1]}" not in held  # the one before is cut
+    assert n == 16 and evaluate.demos_in_prompt(tokenizer, query, demos, 10) == 0
 
 
 def test_metaicl_labels_are_the_rank_candidates():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import os
 import subprocess
 import sys
@@ -72,6 +73,67 @@ def test_copy_rows_recur_spans_of_earlier_pieces_and_are_functions_of_their_keys
                                                 for k in (1, 2, 3)]
     with pytest.raises(ValueError, match="--copy_rows 1.5: expected a share from 0 to 1"):
         make_base.parse_args(["--copy_rows", "1.5"])
+
+
+def next_pieces(row: list[int], longest: bool) -> list[int]:
+    """A reader of a row that predicts, after each position, what followed the latest earlier
+    occurrence of the pieces before it: the longest such suffix (up to 8 pieces), or the last
+    piece alone (one-piece induction)."""
+    out = []
+    for i in range(1, len(row) + 1):
+        out.append(0)
+        for m in range(min(8, i), 0, -1) if longest else [1]:
+            ends = [j for j in range(m, i) if row[j - m:j] == row[i - m:i]]
+            if ends:
+                out[-1] = row[ends[-1]]
+                break
+    return out
+
+
+class Reader(torch.nn.Module):
+    """A stand-in base whose logits pick next_pieces' prediction."""
+
+    def __init__(self, longest: bool):
+        super().__init__()
+        self.embed_tokens, self.longest = torch.nn.Embedding(4096, 1), longest
+
+    def forward(self, tokens):
+        picked = torch.tensor([next_pieces(row, self.longest) for row in tokens.tolist()])
+        return torch.nn.functional.one_hot(picked, 4096).float()
+
+
+def test_recall_rows_ask_keys_again_through_their_separator():
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    source = make_base.FreshSource(tok, 256, seed=0, copy=0.25, recall=0.5)
+    plain = make_base.FreshSource(tok, 256, seed=0, copy=0.25)
+    rows, copy_only = [source.next() for _ in range(40)], [plain.next() for _ in range(40)]
+    # the same draw picks copy rows first, so the copy rows are those of --copy_rows alone
+    assert [r for r in rows if r in copy_only] == [r for r in copy_only if r in rows] and len(set(map(tuple, rows))) == 40
+    assert 8 <= sum(r not in copy_only for r in rows) <= 32  # the recall rows, and the texts of other keys
+    pieces, by_last = set(make_base.word_pieces(tok)), []
+    for i in range(8):
+        row, asked = source.recall_row(random.Random(f"r{i}"))
+        assert len(row) == 256 and row[0] == tok.bos_id and set(row[1:]) <= pieces and len(asked) >= 5
+        longest, last = next_pieces(row, longest=True), next_pieces(row, longest=False)
+        # a repeated entry's value is found by its key and sep, not by what followed sep's last piece
+        assert all(longest[p - 1] == row[p] for p in asked)
+        by_last += [last[p - 1] == row[p] for p in asked]
+    assert sum(by_last) / len(by_last) < 0.5
+    assert make_base.recall_accuracy(Reader(longest=True), tok, rows=4) == 1.0
+    assert make_base.recall_accuracy(Reader(longest=False), tok, rows=4) < 0.6
+    with pytest.raises(ValueError, match=r"--copy_rows 0.75 \+ --recall_rows 0.5: expected at most 1"):
+        make_base.parse_args(["--copy_rows", "0.75", "--recall_rows", "0.5"])
+    with pytest.raises(ValueError, match="--recall_rows -0.1: expected a share from 0 to 1"):
+        make_base.parse_args(["--recall_rows", "-0.1"])
+
+
+def test_resume_of_a_checkpoint_written_before_a_setting_existed():
+    config = make_base.parse_args(["--recall_rows", "0.25"])
+    older = {k: v for k, v in cli.flag_values(config).items() if k != "recall_rows"}
+    training.check_resumed_config(older | {"recall_rows": 0.25}, config)
+    with pytest.raises(ValueError, match=r"--recall_rows was 0.0, now 0.25"):  # missing: it had its default
+        training.check_resumed_config(older, config)
+    training.check_resumed_config(older, make_base.parse_args([]))
 
 
 def test_lookup_rows_take_a_share_of_the_few_shot_records():
@@ -182,7 +244,8 @@ def test_a_base_run_resumes_bit_identically(tmp_path, monkeypatch):
     assert (tmp_path / "straight" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
     validation = json.loads((tmp_path / "straight" / "validation.jsonl").read_text())
     assert set(validation) == {"step", "ppl", "exact_match_with_context", "exact_match_closed_book",
-                               *(f"exact_match_fresh_{kind}" for kind in make_base.SKILLS), "alike_pieces"}
+                               *(f"exact_match_fresh_{kind}" for kind in make_base.SKILLS), "alike_pieces",
+                               "recall_rows"}
     assert set(validation["ppl"]) == set(make_base.TASKS)
     assert Transformer.from_pretrained(tmp_path / "straight").args.n_layers == make_base.TINY_BASE.n_layers
 
@@ -266,13 +329,14 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
     for name, tensor in start.items():
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     # --redraw_alike: the alike pieces of the start start anew, every other weight as loaded;
-    # --lookup_rows, --invented_labels and --lower_labels reach the training data
+    # --copy_rows, --lookup_rows, --invented_labels, --lower_labels and --recall_rows reach the
+    # training data (FreshSource's arguments after `reading`)
     shares = []
-    monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[-2:]) or real_source(*a))
+    monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[5:]) or real_source(*a))
     redrawn = make_base.main(base_args(tmp_path / "redrawn", "--init", str(make_base.TINY), "--lr", "1e-12",
-                                       "--redraw_alike", "--lookup_rows", "0.5", "--invented_labels", "0.8",
-                                       "--lower_labels", "0.4"))
-    assert shares == [(0.5, (0.8, 0.4))]
+                                       "--redraw_alike", "--copy_rows", "0.25", "--lookup_rows", "0.5",
+                                       "--invented_labels", "0.8", "--lower_labels", "0.4", "--recall_rows", "0.125"))
+    assert shares[0] == (0.25, 0.5, (0.8, 0.4), 0.125)  # then validation's recall rows: no shares
     alike = make_base.alike_pieces(*load(make_base.TINY))
     drawn = Transformer.from_pretrained(redrawn).state_dict()
     rows = torch.zeros(len(drawn["embed_tokens.weight"]), dtype=torch.bool)
