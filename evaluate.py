@@ -459,7 +459,7 @@ def demos_in_prompt(tokenizer: Tokenizer, query: str, demos: list[tuple[str, str
     """How many demonstrations a few-shot prompt cut to `budget` tokens holds whole: the last
     ones, as many as fit beside the query (fitted_prompt cuts the earlier ones)."""
     fits = lambda n: len(query_prompt(tokenizer, query, fewshot_context(demos[len(demos) - n:]))) <= budget
-    return max((n for n in range(1, len(demos) + 1) if fits(n)), default=0)
+    return next((n for n in range(len(demos), 0, -1) if fits(n)), 0)
 
 
 def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokenizer: Tokenizer,
@@ -499,10 +499,10 @@ def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], kept: list
     ranks = ranks or [{}] * len(predictions)
     if unit.demos:
         majority = Counter(y for _, y in unit.demos).most_common(1)[0][0]
-        kept = [{"demos_in_prompt": n} for n in kept] or [{}] * len(predictions)
+        held = [{"demos_in_prompt": n} for n in kept] or [{}] * len(predictions)
         return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()),
-                 "majority_label": float(majority == g[0]), **r, **k}
-                for p, g, r, k in zip(predictions, unit.golds, ranks, kept)]
+                 "majority_label": float(majority == g[0]), **r, **h}
+                for p, g, r, h in zip(predictions, unit.golds, ranks, held)]
     return [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r}
             for p, g, r in zip(predictions, unit.golds, ranks)]
 
