@@ -391,10 +391,11 @@ def recall_accuracy(model: Transformer, tokenizer: Tokenizer, rows: int = 32) ->
     (RECALL_VALUES); only finding the key is right every time."""
     source = FreshSource(tokenizer, TINY_BASE.max_seq_len, 0)
     drawn = [source.recall_row(random.Random(f"fresh/recall/validation/{i}")) for i in range(rows)]
-    tokens = torch.tensor([ids for ids, _ in drawn], device=model.embed_tokens.weight.device)  # (B, L)
+    device = model.embed_tokens.weight.device
+    tokens = torch.tensor([ids for ids, _ in drawn], device=device)  # (B, L)
     predicted = model(tokens).argmax(-1)  # (B, L): the piece predicted after each position
-    hits = [predicted[b, i - 1] == tokens[b, i] for b, (_, asked) in enumerate(drawn) for i in asked]
-    return torch.stack(hits).float().mean().item()
+    b, i = torch.tensor([(b, i) for b, (_, asked) in enumerate(drawn) for i in asked], device=device).T
+    return (predicted[b, i - 1] == tokens[b, i]).float().mean().item()
 
 
 @torch.no_grad()
