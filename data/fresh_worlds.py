@@ -51,12 +51,38 @@ READING_MIX = {"qa": 0.85, "fewshot": 0.05, "dialogue": 0.05, "closed_book": 0.0
 ICL_MIX = {"qa": 0.30, "fewshot": 0.50, "dialogue": 0.10, "closed_book": 0.10}
 
 # Label words of invented classification tasks: common words, none a label of a MetaICL test task
-# (those are checked against build_tasks' test tasks, with the world's invented label words).
+# (those are checked against build_tasks' test tasks, with the world's invented label words). A task
+# draws from the first COMMON_LABELS of them (make_base.py --common_labels): a base that saw few
+# label words answers with them (`negative` for a query of `job_to_shift`, whose labels are `day`,
+# `night` and `rotating`); many, and only the demonstrations can say which are the task's.
 LABELS = ("yes", "no", "true", "false", "high", "low", "left", "right", "red", "blue", "green", "gold",
           "silver", "cold", "warm", "big", "small", "up", "down", "good", "bad", "first", "second", "third",
           "alpha", "beta", "gamma", "delta", "near", "far", "old", "new", "fast", "slow", "inner", "outer",
           "positive", "negative", "plus", "minus", "north", "south", "east", "west", "A", "B", "C", "D",
-          "one", "two", "three", "four", "open", "closed", "light", "heavy", "calm", "loud", "odd", "even")
+          "one", "two", "three", "four", "open", "closed", "light", "heavy", "calm", "loud", "odd", "even",
+          "apple", "river", "stone", "glass", "paper", "metal", "wood", "silk", "iron", "copper", "amber",
+          "ivory", "coral", "pearl", "ruby", "jade", "ash", "oak", "pine", "maple", "cedar", "birch", "willow",
+          "rose", "lily", "tulip", "daisy", "fern", "moss", "reed", "wheat", "corn", "rice", "bean", "plum",
+          "pear", "peach", "lemon", "lime", "mango", "melon", "grape", "cherry", "berry", "olive", "honey",
+          "salt", "sugar", "pepper", "milk", "tea", "coffee", "dog", "fox", "wolf", "bear", "deer", "hawk",
+          "owl", "crow", "swan", "duck", "goose", "horse", "mouse", "rabbit", "tiger", "lion", "eagle", "frog",
+          "snake", "fish", "whale", "shark", "crab", "bee", "ant", "moth", "circle", "square", "point", "arc",
+          "ring", "star", "cube", "cone", "wave", "quick", "soft", "hard", "sharp", "dull", "bright", "dark",
+          "clear", "dim", "rough", "smooth", "thick", "thin", "wide", "narrow", "deep", "shallow", "rich",
+          "poor", "sweet", "sour", "bitter", "fresh", "stale", "wet", "dry", "hot", "cool", "mild", "wild",
+          "tame", "brave", "shy", "proud", "wise", "kind", "rare", "plain", "fancy", "simple", "strong", "weak",
+          "full", "empty", "short", "long", "young", "tall", "flat", "round", "king", "queen", "knight",
+          "castle", "tower", "bridge", "road", "gate", "door", "window", "table", "chair", "lamp", "clock",
+          "bell", "drum", "flute", "harp", "piano", "violin", "pen", "ink", "map", "key", "lock", "box", "bag",
+          "cup", "bowl", "plate", "fork", "knife", "spoon", "coin", "card", "dice", "ball", "kite", "boat",
+          "ship", "wheel", "rope", "chain", "nail", "hammer", "brush", "comb", "mirror", "candle", "flame",
+          "smoke", "snow", "ice", "fire", "water", "earth", "air", "sand", "mud", "hill", "lake", "sea",
+          "island", "forest", "field", "garden", "farm", "village", "zero", "five", "six", "seven", "eight",
+          "nine", "ten", "single", "double", "triple", "half", "whole", "major", "minor", "top", "bottom",
+          "front", "back", "middle", "center", "edge", "start", "end", "stop", "go", "win", "lose", "pass",
+          "fail", "accept", "reject", "on", "off", "in", "out", "over", "under", "above", "below", "inside",
+          "outside", "maybe", "never", "always", "often")
+COMMON_LABELS = 60  # how many of LABELS the tasks draw from (make_base.py --common_labels)
 INVENTED_LABELS = 0.3  # the share of labels that are invented words instead (make_base.py --invented_labels)
 # Words that prefix an invented free-form output ("Place: Tesk").
 PREFIXES = ("Answer", "Place", "Year", "Name", "Code", "Tag", "Label", "Result", "Info", "Key", "Value",
@@ -116,17 +142,17 @@ def input_sentence(world: World, entity, facts: list[str], rng: random.Random) -
                     for i, key in enumerate(keys))
 
 
-def label_word(names: NameMaker, rng: random.Random, invented: float) -> str:
-    """A label of an invented classification: a common word (LABELS), or with chance `invented`
-    an invented one."""
-    return names.word() if rng.random() < invented else rng.choice(LABELS)
+def label_word(names: NameMaker, rng: random.Random, invented: float, common: int = COMMON_LABELS) -> str:
+    """A label of an invented classification: one of the first `common` words of LABELS, or with
+    chance `invented` an invented word."""
+    return names.word() if rng.random() < invented else rng.choice(LABELS[:common])
 
 
 def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, invented: float,
-                lower: float) -> Task:
+                lower: float, common: int = COMMON_LABELS) -> Task:
     """A MetaICL-style task invented on the spot about entities of `pool`: half classify (an
-    arbitrary mapping of a key to 2-4 labels, a share `invented` of them invented words, or a
-    year threshold), half rewrite 1-2 fields of the input into an invented format. A share
+    arbitrary mapping of a key to 2-4 labels, a share `invented` of them invented words, the
+    rest among the first `common` of LABELS, or a year threshold), half rewrite 1-2 fields of the input into an invented format. A share
     `lower` of the classifications write their labels in lower case (no draw at 0, so the
     records of a recipe without it stay the same): the test tasks' labels are lower-case words
     of 3-4 pieces (`r ain y`), which a base that saw invented labels only capitalised copied one
@@ -134,7 +160,7 @@ def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, i
     stated = lambda e, facts: input_sentence(world, e, [f for f in facts if f], rng)
     if rng.random() < 0.5:
         case = str.lower if lower and rng.random() < lower else str
-        labels = [case(label_word(names, rng, invented)) for _ in range(rng.randint(2, 4))]
+        labels = [case(label_word(names, rng, invented, common)) for _ in range(rng.randint(2, 4))]
         labels = list(dict.fromkeys(labels))
         if len(labels) < 2:
             labels.append(case(names.word()))
@@ -179,13 +205,14 @@ class FreshWorlds:
     LIBRARY_SIZES = (64, 16, 16)  # the library; the first half of each list is asked about
 
     def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = INVENTED_LABELS,
-                 lower_labels: float = 0.0):
+                 lower_labels: float = 0.0, common_labels: int = COMMON_LABELS):
         self.world, self.invented_labels, self.lower_labels = build_world(config), invented_labels, lower_labels
+        self.common_labels = common_labels
         w = self.world
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
                  + [e.name.split()[0] for s in w.splits.values() for e in s.events])
-        self.taken = reserved_words() | {name.lower() for name in names} | {label.lower() for label in LABELS}
+        self.taken = reserved_words() | {name.lower() for name in names} | {label.lower() for label in LABELS[:common_labels]}
         self.library_world, self.library = self._fresh(random.Random("fresh/library"), self.LIBRARY_SIZES)
         self.taken |= {word.lower() for word in name_words(self.library)}  # fresh splits never reuse them
         halves = lambda entities: (entities[:len(entities) // 2], entities[len(entities) // 2:])
@@ -291,7 +318,7 @@ class FreshWorlds:
         names = self._names(rng)
         labels = []
         while len(labels) < len(values):
-            label = label_word(names, rng, self.invented_labels)
+            label = label_word(names, rng, self.invented_labels, self.common_labels)
             labels += [label] if label not in labels else []
         mapping = dict(zip(values, labels))
         examples = [(input_sentence(world, e, [fact], rng), mapping[value(e)]) for e in entities]
@@ -303,7 +330,7 @@ class FreshWorlds:
         """An invented task and its examples on `entities`; drawn again while it computes a
         MetaICL test task's outputs on them."""
         while True:
-            task = invent_task(world, names, rng, pool, self.invented_labels, self.lower_labels)
+            task = invent_task(world, names, rng, pool, self.invented_labels, self.lower_labels, self.common_labels)
             examples = [task.example(e) for e in entities]
             if not computes_a_test_task(examples, entities, self.test_tasks):
                 return task, examples

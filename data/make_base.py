@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the library importable
 import cli  # noqa: E402
-from data.fresh_worlds import ICL_MIX, INVENTED_LABELS, MIX, READING_MIX, FreshWorlds  # noqa: E402
+from data.fresh_worlds import COMMON_LABELS, ICL_MIX, INVENTED_LABELS, LABELS, MIX, READING_MIX, FreshWorlds  # noqa: E402
 from data.make_world import WorldConfig  # noqa: E402
 from data.readers import Instruction, read_instructions  # noqa: E402
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
@@ -72,6 +72,8 @@ class BaseConfig(LoopConfig):
                                       "'lookup' kind): the query's key is among the demonstrations'")
     invented_labels: float = setting(INVENTED_LABELS, "share of the labels of invented classification tasks that "
                                                       "are invented words rather than common ones (label_word)")
+    common_labels: int = setting(COMMON_LABELS, f"how many common words (the first N of fresh_worlds.LABELS, 2 to "
+                                                f"{len(LABELS)}) the other labels are drawn from")
     lower_labels: float = setting(0.0, "share of the invented classification tasks that write their labels in lower "
                                        "case (fresh_worlds.invent_task)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
@@ -99,6 +101,9 @@ class BaseConfig(LoopConfig):
         if self.copy_rows + self.recall_rows > 1:
             raise ValueError(f"--copy_rows {self.copy_rows} + --recall_rows {self.recall_rows}: expected at most 1, "
                              "shares of the same text windows")
+        if not 1 < self.common_labels <= len(LABELS):
+            raise ValueError(f"--common_labels {self.common_labels}: expected 2 to {len(LABELS)}, a number of "
+                             "fresh_worlds.LABELS' words")
         if self.redraw_alike and not self.init:
             raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
 
@@ -175,9 +180,9 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0, labels: tuple[float, ...] = (), recall: float = 0.0):
+                 copy: float = 0.0, lookup: float = 0.0, labels: tuple = (), recall: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        self.worlds = FreshWorlds(WorldConfig(), *labels)  # labels: (invented_labels, lower_labels), or its defaults
+        self.worlds = FreshWorlds(WorldConfig(), *labels)  # (invented_labels, lower_labels, common_labels), or defaults
         self.count, self.icl, self.copy, self.recall, self.lookup = 0, False, copy, recall, lookup
         self.pieces = word_pieces(tokenizer)
 
@@ -348,7 +353,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
         if config.redraw_alike:
             redraw_alike(model, tokenizer)
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows,
-                        (config.invented_labels, config.lower_labels), config.recall_rows)
+                        (config.invented_labels, config.lower_labels, config.common_labels), config.recall_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:

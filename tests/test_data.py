@@ -266,13 +266,22 @@ def test_invented_labels_share_and_case():
                  if any(label.lower() not in common for label in options)]  # common words are lower case
         assert abs(sum(cases) / len(cases) - lower) < 0.08, (lower, sum(cases) / len(cases))
     rng = make_world.random.Random("labels/common")
-    assert all(fresh_worlds.label_word(make_world.NameMaker(rng), rng, 0.0) in fresh_worlds.LABELS for _ in range(50))
+    assert len(set(fresh_worlds.LABELS)) == len(fresh_worlds.LABELS)
+    first = fresh_worlds.LABELS[:fresh_worlds.COMMON_LABELS]
+    assert all(fresh_worlds.label_word(make_world.NameMaker(rng), rng, 0.0) in first for _ in range(50))
+    every_word = {fresh_worlds.label_word(make_world.NameMaker(rng), rng, 0.0, len(fresh_worlds.LABELS))
+                  for _ in range(2000)}
+    assert every_word <= set(fresh_worlds.LABELS) and len(every_word - set(first)) > 150  # the words past the first
     # the shares reach the records' tasks
     every = fresh_worlds.FreshWorlds(invented_labels=1.0, lower_labels=1.0)
     people = every.world.splits["test"].people[:6]
     drawn = [every.invented_task(every.world, make_world.NameMaker(rng, every.taken), rng, "people", people)[0]
              for _ in range(60)]
     assert all(label.lower() not in common and label == label.lower() for task in drawn for label in task.options)
+    many = fresh_worlds.FreshWorlds(invented_labels=0.0, common_labels=len(fresh_worlds.LABELS))
+    drawn = [many.invented_task(many.world, make_world.NameMaker(rng, many.taken), rng, "people", people)[0]
+             for _ in range(60)]
+    assert {label for task in drawn for label in task.options} - common  # --common_labels reaches the records
     assert any(task.options for task in drawn)
 
 
