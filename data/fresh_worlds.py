@@ -152,11 +152,11 @@ def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, i
                 lower: float, common: int = COMMON_LABELS) -> Task:
     """A MetaICL-style task invented on the spot about entities of `pool`: half classify (an
     arbitrary mapping of a key to 2-4 labels, a share `invented` of them invented words, the
-    rest among the first `common` of LABELS, or a year threshold), half rewrite 1-2 fields of the input into an invented format. A share
-    `lower` of the classifications write their labels in lower case (no draw at 0, so the
-    records of a recipe without it stay the same): the test tasks' labels are lower-case words
-    of 3-4 pieces (`r ain y`), which a base that saw invented labels only capitalised copied one
-    piece short (`rain`, `wind`)."""
+    rest among the first `common` of LABELS, or a year threshold), half rewrite 1-2 fields of
+    the input into an invented format. A share `lower` of the classifications write their
+    labels in lower case (no draw at 0, so the records of a recipe without it stay the same):
+    the test tasks' labels are lower-case words of 3-4 pieces (`r ain y`), which a base that saw
+    invented labels only capitalised copied one piece short (`rain`, `wind`)."""
     stated = lambda e, facts: input_sentence(world, e, [f for f in facts if f], rng)
     if rng.random() < 0.5:
         case = str.lower if lower and rng.random() < lower else str
@@ -212,7 +212,8 @@ class FreshWorlds:
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
                  + [e.name.split()[0] for s in w.splits.values() for e in s.events])
-        self.taken = reserved_words() | {name.lower() for name in names} | {label.lower() for label in LABELS[:common_labels]}
+        labels = {label.lower() for label in LABELS[:common_labels]}
+        self.taken = reserved_words() | {name.lower() for name in names} | labels
         self.library_world, self.library = self._fresh(random.Random("fresh/library"), self.LIBRARY_SIZES)
         self.taken |= {word.lower() for word in name_words(self.library)}  # fresh splits never reuse them
         halves = lambda entities: (entities[:len(entities) // 2], entities[len(entities) // 2:])
@@ -330,7 +331,8 @@ class FreshWorlds:
         """An invented task and its examples on `entities`; drawn again while it computes a
         MetaICL test task's outputs on them."""
         while True:
-            task = invent_task(world, names, rng, pool, self.invented_labels, self.lower_labels, self.common_labels)
+            task = invent_task(world, names, rng, pool, self.invented_labels, self.lower_labels,
+                               self.common_labels)
             examples = [task.example(e) for e in entities]
             if not computes_a_test_task(examples, entities, self.test_tasks):
                 return task, examples

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the library importable
 import cli  # noqa: E402
-from data.fresh_worlds import COMMON_LABELS, ICL_MIX, INVENTED_LABELS, LABELS, MIX, READING_MIX, FreshWorlds  # noqa: E402
+from data.fresh_worlds import (COMMON_LABELS, ICL_MIX, INVENTED_LABELS, LABELS, MIX, READING_MIX,  # noqa: E402
+                               FreshWorlds)
 from data.make_world import WorldConfig  # noqa: E402
 from data.readers import Instruction, read_instructions  # noqa: E402
 from model import (ModelArgs, Tokenizer, Transformer, answer_text, chat_example, generate, query_prompt,  # noqa: E402
