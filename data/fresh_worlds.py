@@ -212,7 +212,7 @@ class FreshWorlds:
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
                  + [e.name.split()[0] for s in w.splits.values() for e in s.events])
-        labels = {label.lower() for label in LABELS[:common_labels]}
+        labels = {label.lower() for label in LABELS[:common_labels]}  # the words in use: names drawn as before
         self.taken = reserved_words() | {name.lower() for name in names} | labels
         self.library_world, self.library = self._fresh(random.Random("fresh/library"), self.LIBRARY_SIZES)
         self.taken |= {word.lower() for word in name_words(self.library)}  # fresh splits never reuse them
