@@ -9,8 +9,8 @@ data/tiny).
         --steps 700 --icl_steps 699            # continues a base: a fresh optimiser, 700 few-shot-heavy steps
 
 The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-query attention,
-tied embeddings, a 256-token window). It never reads data/world/: it trains on text and on
-instruction records (context in the prompt) about worlds invented on the fly
+tied embeddings, a 256-token window; --layers sets another depth). It never reads data/world/: it
+trains on text and on instruction records (context in the prompt) about worlds invented on the fly
 (data/fresh_worlds.py), so every fact of the bundled datasets is unknown to it and can only come
 from a context. It trains in phases, each with its own warm-up and decay: reading and mixing
 (READING_MIX, then MIX), then --icl_steps few-shot-heavy steps (ICL_MIX), then --rounds more of
@@ -27,7 +27,7 @@ import math
 import random
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -77,12 +77,14 @@ class BaseConfig(LoopConfig):
                                                 f"{len(LABELS)}) the other labels are drawn from")
     lower_labels: float = setting(0.0, "share of the invented classification tasks that write their labels in lower "
                                        "case (fresh_worlds.invent_task)")
+    layers: int = setting(TINY_BASE.n_layers, "the base's depth, in layers of TINY_BASE's width and heads (the "
+                                              "README's base study tried 8)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
                              "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
-                            "model.safetensors, the shape of TINY_BASE) instead of a fresh draw, with a fresh "
-                            "optimiser and schedule (give another --seed than its run's for new records); not "
-                            "read by --resume")
+                            "model.safetensors, the shape of TINY_BASE with --layers) instead of a fresh draw, "
+                            "with a fresh optimiser and schedule (give another --seed than its run's for new "
+                            "records); not read by --resume")
     redraw_alike: bool = setting(False, "with --init: draw the embeddings of the pieces the base cannot tell "
                                         "apart (alike_pieces) anew before training on, so that copy rows can "
                                         "teach it to read them")
@@ -102,11 +104,17 @@ class BaseConfig(LoopConfig):
         if self.copy_rows + self.recall_rows > 1:
             raise ValueError(f"--copy_rows {self.copy_rows} + --recall_rows {self.recall_rows}: expected at most 1, "
                              "shares of the same text windows")
+        if self.layers < 1:
+            raise ValueError(f"--layers {self.layers}: expected at least 1")
         if not 1 < self.common_labels <= len(LABELS):
             raise ValueError(f"--common_labels {self.common_labels}: expected 2 to {len(LABELS)}, a number of "
                              "fresh_worlds.LABELS' words")
         if self.redraw_alike and not self.init:
             raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
+
+    def shape(self) -> ModelArgs:
+        """The base trained: TINY_BASE, --layers deep."""
+        return replace(TINY_BASE, n_layers=self.layers)
 
     def phases(self) -> list[int]:
         """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX): a
@@ -338,15 +346,16 @@ class FreshBatches(BaseBatches):
 def build(config: BaseConfig, proc: Process) -> Run:
     """A fresh tiny base trained on fresh worlds (FreshSource), validated on the committed
     validation files (whose entities it never sees) and on fresh records of SKILLS."""
-    device, L = proc.device, TINY_BASE.max_seq_len
+    device, L, shape = proc.device, TINY_BASE.max_seq_len, config.shape()
     tokenizer = Tokenizer(config.tokenizer, template="mistral")
     torch.manual_seed(config.seed)
-    model = init_tiny_base(TINY_BASE).to(device)
+    model = init_tiny_base(shape).to(device)
 
     def load_weights(path: Path) -> None:
         loaded = Transformer.from_pretrained(path, device)
-        if loaded.args != TINY_BASE:
-            raise ValueError(f"{path}/config.json: a base of shape {loaded.args}; make_base.py trains {TINY_BASE}")
+        if loaded.args != shape:
+            raise ValueError(f"{path}/config.json: a base of shape {loaded.args}; make_base.py trains {shape} "
+                             f"(--layers {config.layers})")
         model.load_state_dict(loaded.state_dict())
 
     if config.init and not config.resume:

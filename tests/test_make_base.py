@@ -258,6 +258,8 @@ def test_bad_input(tmp_path, capsys):
         make_base.main(base_args(tmp_path, "--val_data", str(ROOT / "data" / "world" / "pretrain_validation.jsonl.gz")))
     with pytest.raises(ValueError, match="--steps: expected at least 1, got 0"):
         make_base.parse_args(["--steps", "0"])
+    with pytest.raises(ValueError, match="--layers 0: expected at least 1"):
+        make_base.parse_args(["--layers", "0"])
     with pytest.raises(FileNotFoundError, match=r"tokenizer model .*nope\.model does not exist"):
         make_base.main(base_args(tmp_path / "no_tokenizer", "--tokenizer", str(tmp_path / "nope.model")))
     assert make_base.parse_args([]).out == str(ROOT / "data" / "tiny")
@@ -352,3 +354,5 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains"):
         make_base.main(base_args(tmp_path / "refused", "--init", str(tmp_path / "other")))
+    deeper = make_base.main(base_args(tmp_path / "deeper", "--init", str(tmp_path / "other"), "--layers", "2"))
+    assert Transformer.from_pretrained(deeper).args == replace(make_base.TINY_BASE, n_layers=2)
