@@ -352,7 +352,8 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
                                rtol=0, atol=1e-6)
     other = Transformer(replace(make_base.TINY_BASE, n_layers=2))
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match=r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains"):
+    refused = r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains .*\(--layers 6\)"
+    with pytest.raises(ValueError, match=refused):
         make_base.main(base_args(tmp_path / "refused", "--init", str(tmp_path / "other")))
     deeper = make_base.main(base_args(tmp_path / "deeper", "--init", str(tmp_path / "other"), "--layers", "2"))
     assert Transformer.from_pretrained(deeper).args == replace(make_base.TINY_BASE, n_layers=2)
