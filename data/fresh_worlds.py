@@ -30,6 +30,7 @@ Every record is a function of its key.
 """
 
 import random
+import re
 from dataclasses import replace
 
 from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, ORG_SENTENCES, PERSON_SENTENCES, STYLES, Event,
@@ -118,6 +119,12 @@ KEYS = {
 YEARS = {"people": ("birth_year", lambda p: p.birth_year), "organisations": ("founded", lambda o: o.founded),
          "events": ("year", lambda e: e.year)}
 POOLS = {"people": Person, "organisations": Organisation, "events": Event}
+# The sentences that state a pool's facts (an event's involvement comes from its kind's statements).
+POOL_SENTENCES = {"people": [t for ts in PERSON_SENTENCES.values() for t in ts],
+                  "organisations": [t for ts in ORG_SENTENCES.values() for t in ts],
+                  "events": [t for ts in EVENT_SENTENCES.values() for t in ts]
+                  + [t for kind in EVENT_KINDS.values() for t in kind.statements]}
+PLAIN_WORD = re.compile(r"(?<![\w{])[a-z]+(?![\w}])")  # a lower-case word of a template, not a {slot}
 CUTS = {"people": (1955, 1990), "organisations": (1990, 2015), "events": (1970, 2010)}  # thresholds drawn from
 
 
@@ -130,16 +137,29 @@ def sentence_table(entity) -> dict:
     return EVENT_SENTENCES | {("involved",): EVENT_KINDS[entity.kind].statements}
 
 
-def input_sentence(world: World, entity, facts: list[str], rng: random.Random) -> str:
+def input_sentence(world: World, entity, facts: list[str], rng: random.Random,
+                   words: dict[str, str] | None = None) -> str:
     """One sentence per fact (a merged one where one exists), the entity named in the first;
-    with no fact, one sentence stating a random fact (the input is about the name)."""
+    with no fact, one sentence stating a random fact (the input is about the name). words: an
+    invented phrasing (invented_phrasing), each plain word of the sentences replaced by its own."""
     table, slots = sentence_table(entity), fact_slots(world, entity)
     if not facts:
         facts = [rng.choice([key[0] for key in table if len(key) == 1 and key[0] in facts_of(world, entity)])]
     merged = tuple(facts)
     keys = [merged] if merged in table else [(f,) for f in facts]
-    return " ".join(rng.choice(table[key]).format(**slots, **subject_slots(entity, by_name=i == 0))
+    say = lambda template: PLAIN_WORD.sub(lambda m: words.get(m[0], m[0]), template) if words else template
+    return " ".join(say(rng.choice(table[key])).format(**slots, **subject_slots(entity, by_name=i == 0))
                     for i, key in enumerate(keys))
+
+
+def invented_phrasing(pool: str, names: NameMaker) -> dict[str, str]:
+    """An invented word for each plain word of the sentences stating `pool`'s facts (`Kule Shenam
+    brofe tesk Thebous Partners.` for `Kule Shenam works for Thebous Partners.`): a task whose inputs
+    are phrased so says where each fact is only through its demonstrations. The MetaICL test task
+    `employer_tag` states employers as `is on the staff of`, a phrasing no training sentence has; a
+    base that finds roles by their trained words fails it (README, the base study)."""
+    plain = sorted({m[0] for template in POOL_SENTENCES[pool] for m in PLAIN_WORD.finditer(template)})
+    return {word: names.word().lower() for word in plain}
 
 
 def label_word(names: NameMaker, rng: random.Random, invented: float, common: int = COMMON_LABELS) -> str:
@@ -149,15 +169,18 @@ def label_word(names: NameMaker, rng: random.Random, invented: float, common: in
 
 
 def invent_task(world: World, names: NameMaker, rng: random.Random, pool: str, invented: float,
-                lower: float, common: int = COMMON_LABELS) -> Task:
+                lower: float, common: int = COMMON_LABELS, phrasing: float = 0.0) -> Task:
     """A MetaICL-style task invented on the spot about entities of `pool`: half classify (an
     arbitrary mapping of a key to 2-4 labels, a share `invented` of them invented words, the
     rest among the first `common` of LABELS, or a year threshold), half rewrite 1-2 fields of
     the input into an invented format. A share `lower` of the classifications write their
     labels in lower case (no draw at 0, so the records of a recipe without it stay the same):
     the test tasks' labels are lower-case words of 3-4 pieces (`r ain y`), which a base that saw
-    invented labels only capitalised copied one piece short (`rain`, `wind`)."""
-    stated = lambda e, facts: input_sentence(world, e, [f for f in facts if f], rng)
+    invented labels only capitalised copied one piece short (`rain`, `wind`). A share `phrasing`
+    state their inputs in an invented phrasing, drawn for the task (invented_phrasing; no draw at 0
+    either)."""
+    words = invented_phrasing(pool, names) if phrasing and rng.random() < phrasing else None
+    stated = lambda e, facts: input_sentence(world, e, [f for f in facts if f], rng, words)
     if rng.random() < 0.5:
         case = str.lower if lower and rng.random() < lower else str
         labels = [case(label_word(names, rng, invented, common)) for _ in range(rng.randint(2, 4))]
@@ -205,9 +228,9 @@ class FreshWorlds:
     LIBRARY_SIZES = (64, 16, 16)  # the library; the first half of each list is asked about
 
     def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = INVENTED_LABELS,
-                 lower_labels: float = 0.0, common_labels: int = COMMON_LABELS):
+                 lower_labels: float = 0.0, common_labels: int = COMMON_LABELS, invented_phrasing: float = 0.0):
         self.world, self.invented_labels, self.lower_labels = build_world(config), invented_labels, lower_labels
-        self.common_labels = common_labels
+        self.common_labels, self.invented_phrasing = common_labels, invented_phrasing
         w = self.world
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
@@ -332,7 +355,7 @@ class FreshWorlds:
         MetaICL test task's outputs on them."""
         while True:
             task = invent_task(world, names, rng, pool, self.invented_labels, self.lower_labels,
-                               self.common_labels)
+                               self.common_labels, self.invented_phrasing)
             examples = [task.example(e) for e in entities]
             if not computes_a_test_task(examples, entities, self.test_tasks):
                 return task, examples

@@ -285,6 +285,54 @@ def test_invented_labels_share_and_case():
     assert {label for task in drawn for label in task.options} - common  # --common_labels reaches the records
 
 
+def test_invented_phrasing_is_the_tasks_own():
+    """invented_phrasing: a share of the invented tasks state their inputs with every plain word of
+    the fact sentences replaced by an invented word, one mapping per task (so the demonstrations
+    show where a fact is), drawn from the record's key like every other choice."""
+    fresh = fresh_worlds.FreshWorlds()
+    people = fresh.world.splits["test"].people[:8]
+    trained = {m[0] for t in fresh_worlds.POOL_SENTENCES["people"] for m in fresh_worlds.PLAIN_WORD.finditer(t)}
+    assert {"born", "works", "for", "employed"} <= trained and not trained & {"a_job", "job", "Subj", "org", "country"}
+
+    def tasks(phrasing: float) -> list[list[str]]:  # the inputs of 200 tasks on `people`
+        drawn = []
+        for i in range(200):
+            rng = make_world.random.Random(f"phrasing/{i}")
+            task = fresh_worlds.invent_task(fresh.world, make_world.NameMaker(rng, fresh.taken), rng, "people",
+                                            0.3, 0.0, phrasing=phrasing)
+            drawn.append([task.example(e)[0] for e in people])
+        return drawn
+
+    slots = {w for e in people for w in e.job.split()} | {"a", "an", "s", "he", "she", "his", "her",
+                                                          "husband", "wife", "brother", "sister"}
+
+    def plain(inputs: list[str]) -> set[str]:  # the lower-case words not from a slot ({a_job}, {Poss}, ...)
+        return {w for x in inputs for w in re.findall(r"\b[a-z]+\b", x)} - slots
+
+    assert all(plain(inputs) <= trained for inputs in tasks(0.0))
+    phrased = tasks(1.0)
+    assert all(not plain(inputs) & trained for inputs in phrased)
+    assert tasks(1.0) == phrased  # a function of the key
+    assert len({frozenset(plain(inputs)) for inputs in phrased}) > 150  # a phrasing per task, not one for all
+    assert all(len(plain(inputs)) <= len(trained) for inputs in phrased)  # one word for each, all the task through
+    rng = make_world.random.Random("phrasing/words")
+    words = fresh_worlds.invented_phrasing("people", make_world.NameMaker(rng, fresh.taken))
+    assert words.keys() == trained and len(set(words.values())) == len(words) and not set(words.values()) & trained
+    for facts in (["employer"], ["birth_city", "birth_year"], ["job", "employer"]):  # the sentence, its words swapped
+        for i, e in enumerate(people):
+            said = fresh_worlds.input_sentence(fresh.world, e, facts, make_world.random.Random(i))
+            swapped = re.sub(r"\b[a-z]+\b", lambda m: m[0] if m[0] in slots else words.get(m[0], m[0]), said)
+            assert fresh_worlds.input_sentence(fresh.world, e, facts, make_world.random.Random(i), words) == swapped
+    half = tasks(0.5)
+    share = sum(not plain(inputs) & trained for inputs in half) / len(half)
+    assert 0.4 < share < 0.6, share
+    rng = make_world.random.Random("phrasing/records")
+    every = fresh_worlds.FreshWorlds(invented_phrasing=1.0)  # the share reaches the records' tasks
+    inputs = [x for _ in range(20) for x, _ in every.invented_task(every.world, make_world.NameMaker(rng, every.taken),
+                                                                   rng, "people", people)[1]]
+    assert not plain(inputs) & trained
+
+
 def test_ladder_rungs():
     ladder = make_world.Ladder()
     entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]
