@@ -119,12 +119,15 @@ KEYS = {
 YEARS = {"people": ("birth_year", lambda p: p.birth_year), "organisations": ("founded", lambda o: o.founded),
          "events": ("year", lambda e: e.year)}
 POOLS = {"people": Person, "organisations": Organisation, "events": Event}
-# The sentences that state a pool's facts (an event's involvement comes from its kind's statements).
-POOL_SENTENCES = {"people": [t for ts in PERSON_SENTENCES.values() for t in ts],
-                  "organisations": [t for ts in ORG_SENTENCES.values() for t in ts],
-                  "events": [t for ts in EVENT_SENTENCES.values() for t in ts]
-                  + [t for kind in EVENT_KINDS.values() for t in kind.statements]}
 PLAIN_WORD = re.compile(r"(?<![\w{])[a-z]+(?![\w}])")  # a lower-case word of a template, not a {slot}
+# The plain words of the sentences that state a pool's facts (an event's involvement comes from its
+# kind's statements): what an invented phrasing replaces.
+PHRASE_WORDS = {pool: sorted({m[0] for template in templates for m in PLAIN_WORD.finditer(template)})
+                for pool, templates in {
+                    "people": [t for ts in PERSON_SENTENCES.values() for t in ts],
+                    "organisations": [t for ts in ORG_SENTENCES.values() for t in ts],
+                    "events": [t for ts in EVENT_SENTENCES.values() for t in ts]
+                    + [t for kind in EVENT_KINDS.values() for t in kind.statements]}.items()}
 CUTS = {"people": (1955, 1990), "organisations": (1990, 2015), "events": (1970, 2010)}  # thresholds drawn from
 
 
@@ -158,8 +161,7 @@ def invented_phrasing(pool: str, names: NameMaker) -> dict[str, str]:
     are phrased so says where each fact is only through its demonstrations. The MetaICL test task
     `employer_tag` states employers as `is on the staff of`, a phrasing no training sentence has; a
     base that finds roles by their trained words fails it (README, the base study)."""
-    plain = sorted({m[0] for template in POOL_SENTENCES[pool] for m in PLAIN_WORD.finditer(template)})
-    return {word: names.word().lower() for word in plain}
+    return {word: names.word().lower() for word in PHRASE_WORDS[pool]}
 
 
 def label_word(names: NameMaker, rng: random.Random, invented: float, common: int = COMMON_LABELS) -> str:

@@ -291,7 +291,7 @@ def test_invented_phrasing_is_the_tasks_own():
     show where a fact is), drawn from the record's key like every other choice."""
     fresh = fresh_worlds.FreshWorlds()
     people = fresh.world.splits["test"].people[:8]
-    trained = {m[0] for t in fresh_worlds.POOL_SENTENCES["people"] for m in fresh_worlds.PLAIN_WORD.finditer(t)}
+    trained = set(fresh_worlds.PHRASE_WORDS["people"])
     assert {"born", "works", "for", "employed"} <= trained and not trained & {"a_job", "job", "Subj", "org", "country"}
 
     def tasks(phrasing: float) -> list[list[str]]:  # the inputs of 200 tasks on `people`
