@@ -1,12 +1,24 @@
 r"""Trains the tiny base model of the embedded default (from scratch, or on from a base with --init)
 and writes it where model.py loads it: config.json and model.safetensors (the Hugging Face
 layout), tokenizer.model, and the run's log.jsonl and validation.jsonl, in --out (default:
-data/tiny).
+runs/base).
 
-    python data/make_base.py --overwrite        # rebuilds data/tiny/'s base
-    python data/make_base.py --out runs/base    # elsewhere; --resume continues an interrupted run
-    python data/make_base.py --init data/tiny --out runs/more_icl --seed 1 --lr 5e-4 --warmup 50 \
-        --steps 700 --icl_steps 699            # continues a base: a fresh optimiser, 700 few-shot-heavy steps
+    python data/make_base.py                    # the defaults: one run of every phase, to runs/base
+    python data/make_base.py --resume           # continues an interrupted run, bit for bit
+
+The bundled base in data/tiny/ (version 3) is a run of the defaults with copy rows, lower-case
+labels, invented phrasings and two rounds more, then two continuations of it (--init: a fresh
+optimiser, another --seed; 1,400 and 700 few-shot-heavy steps without the invented phrasings);
+about two hours on 2 CPU cores:
+
+    python data/make_base.py --copy_rows 0.5 --lower_labels 0.5 --invented_phrasing 0.5 \
+        --steps 14300 --rounds 2 --out runs/tiny/phrased
+    python data/make_base.py --init runs/tiny/phrased --seed 5 --lr 5e-4 --warmup 50 --steps 1400 \
+        --icl_steps 1399 --eval_interval 1400 --ckpt_interval 700 --copy_rows 0.5 --lower_labels 0.5 \
+        --out runs/tiny/plain
+    python data/make_base.py --init runs/tiny/plain --seed 7 --lr 5e-4 --warmup 50 --steps 700 \
+        --icl_steps 699 --eval_interval 700 --ckpt_interval 700 --copy_rows 0.5 --lower_labels 0.5 \
+        --out data/tiny --overwrite
 
 The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-query attention,
 tied embeddings, a 256-token window; --layers sets another depth). It never reads data/world/: it
@@ -133,8 +145,9 @@ class BaseConfig(LoopConfig):
 
 # The recipe: the defaults of this script's flags (BaseConfig's settings), flags given win.
 RECIPE = dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD / "instructions_validation.jsonl")],
-              out=str(TINY), lr=1.5e-3, warmup=100, steps=11500, icl_steps=2500, batch_size=16, micro_batch=16,
-              weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=10, ckpt_interval=200)
+              out=str(ROOT / "runs" / "base"), lr=1.5e-3, warmup=100, steps=11500, icl_steps=2500, batch_size=16,
+              micro_batch=16, weight_decay=0.1, eval_interval=500, eval_batches=8, log_interval=10,
+              ckpt_interval=200)
 # Training draws by READING_MIX first: 120,000 draws (of about 41 a step of 16 rows) are about the
 # first 2,900 steps.
 READING_DRAWS = 120_000

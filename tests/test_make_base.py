@@ -262,7 +262,7 @@ def test_bad_input(tmp_path, capsys):
         make_base.parse_args(["--layers", "0"])
     with pytest.raises(FileNotFoundError, match=r"tokenizer model .*nope\.model does not exist"):
         make_base.main(base_args(tmp_path / "no_tokenizer", "--tokenizer", str(tmp_path / "nope.model")))
-    assert make_base.parse_args([]).out == str(ROOT / "data" / "tiny")
+    assert make_base.parse_args([]).out == str(ROOT / "runs" / "base")
     with pytest.raises(SystemExit) as exit:
         cli.run(make_base.main, "make_base.py", ["--steps", "0"])
     assert exit.value.code == 2
@@ -357,3 +357,29 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
         make_base.main(base_args(tmp_path / "refused", "--init", str(tmp_path / "other")))
     deeper = make_base.main(base_args(tmp_path / "deeper", "--init", str(tmp_path / "other"), "--layers", "2"))
     assert Transformer.from_pretrained(deeper).args == replace(make_base.TINY_BASE, n_layers=2)
+
+
+def rebuild_commands(text: str) -> list[list[str]]:
+    """The `python data/make_base.py` command lines of a text, continuation lines joined, as argv lists."""
+    joined = text.replace("\\\n", " ")
+    return [line.split("python data/make_base.py", 1)[1].split("#")[0].split()
+            for line in joined.splitlines() if "python data/make_base.py --copy_rows" in line
+            or "python data/make_base.py --init runs/tiny/" in line]
+
+
+def test_the_bundled_bases_rebuild_is_written_the_same_everywhere_and_chains():
+    """The three runs that rebuild data/tiny/ are the same in make_base.py's help, the README and
+    data/README.md; each continues the one before, and their phases are those the README states:
+    14,300 steps (9,000 reading and mixing, 2,500 few-shot-heavy, two rounds of 1,400 at 5e-4) with
+    the three shares at 0.5, then 1,400 and 700 few-shot-heavy steps without invented phrasings."""
+    docs = [make_base.__doc__, (ROOT / "README.md").read_text(), (ROOT / "data" / "README.md").read_text()]
+    commands = [rebuild_commands(text) for text in docs]
+    assert len(commands[0]) == 3 and commands[0] == commands[1] == commands[2]
+    first, plain, last = (make_base.parse_args(argv) for argv in commands[0])
+    assert first.phases() == [9000, 2500, 1400, 1400] and first.peak_lr(2) == 5e-4 and not first.init
+    assert (first.copy_rows, first.lower_labels, first.invented_phrasing) == (0.5, 0.5, 0.5)
+    assert plain.init == first.out and last.init == plain.out and ROOT / last.out == make_base.TINY and last.overwrite
+    for run, steps in ((plain, 1400), (last, 700)):
+        assert run.phases() == [1, steps - 1] and run.lr == 5e-4 and run.invented_phrasing == 0
+        assert (run.copy_rows, run.lower_labels) == (0.5, 0.5)
+    assert len({first.seed, plain.seed, last.seed}) == 3
