@@ -191,6 +191,7 @@ class Unit:
     options: list[str] = field(default_factory=list)  # MetaICL classification labels
     candidates: list[list[str]] = field(default_factory=list)  # per query, gold first (gold_ranks)
     oracles: list[str] = field(default_factory=list)  # per query, the part of the context that holds its answer
+    documents: int = 0  # StreamingQA: how many documents the context joins
 
 
 def group_documents(documents: list[str], lengths: list[int], budget: int) -> list[list[int]]:
@@ -228,7 +229,8 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
             if qa:
                 units.append(Unit("\n\n".join(documents[i] for i in group), [r.question for r in qa],
                                   [r.answers for r in qa], {"context_length": budget},
-                                  candidates=[alike(r) for r in qa], oracles=[r.document for r in qa]))
+                                  candidates=[alike(r) for r in qa], oracles=[r.document for r in qa],
+                                  documents=len(group)))
             asked += len(qa)
     return units
 
@@ -434,7 +436,7 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     if method in ADAPTER_METHODS:
         contexts = unit.oracles if method == "adapter_oracle" else [unit.context] * len(unit.queries)
         return adapter_answers(unit, contexts, model, tokenizer, generator, settings)
-    args, extra_flops, storage, adapter, kept = model.args, 0, None, None, []
+    args, extra_flops, storage, adapter, held = model.args, 0, None, None, []
     prompts = [query_prompt(tokenizer, q) for q in unit.queries]
     if method in ("prompt", "prompt_oracle", "rag"):
         budget = args.max_seq_len - settings.max_new_tokens
@@ -445,14 +447,16 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
             storage = mean(kv_cache_floats(args, len(context_ids(tokenizer, c))) for c in dict.fromkeys(contexts))
         prompts = [fitted_prompt(tokenizer, q, c, budget) for q, c in zip(unit.queries, contexts)]
         if method == "prompt" and unit.demos:
-            kept = [demos_in_prompt(tokenizer, q, unit.demos, budget) for q in unit.queries]
+            held = [{"demos_in_prompt": demos_in_prompt(tokenizer, q, unit.demos, budget)} for q in unit.queries]
+        elif method == "prompt" and unit.documents:  # the cut may take the query's own document
+            held = [{"document_in_prompt": float(d in tokenizer.decode(p))} for d, p in zip(unit.oracles, prompts)]
     elif method == "finetune":
         adapter, extra_flops = finetune_lora(model, tokenizer, unit, settings)
         storage = lora_floats(adapter)
     texts, tokens, flops = answer(model, tokenizer, prompts, settings, adapter=adapter)
     ranks = unit_ranks(model, tokenizer, prompts, unit, range(len(prompts)), adapter)
     return {"predictions": texts, "ranks": ranks, "tokens": tokens, "flops": flops + extra_flops,
-            "query_flops": flops / len(unit.queries), "storage_floats": storage, "demos_in_prompt": kept}
+            "query_flops": flops / len(unit.queries), "storage_floats": storage, "held": held}
 
 
 def demos_in_prompt(tokenizer: Tokenizer, query: str, demos: list[tuple[str, str]], budget: int) -> int:
@@ -492,19 +496,23 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
 # Scoring and tables
 
 
-def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], kept: list[int] = ()) -> list[dict]:
-    """Per-query scores: QA metrics (with the gold's rank where there are candidates, and whether
-    a wrong answer was taken from the context), or MetaICL's case-insensitive exact match (with
-    the demonstrations the prompt held whole, where `kept` counts them)."""
-    ranks = ranks or [{}] * len(predictions)
+def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], held: list[dict] = ()) -> list[dict]:
+    """Per-query scores: QA metrics (with the gold's rank where there are candidates, whether a
+    wrong answer was taken from the context, and on StreamingQA the F1 again under f1_one_document
+    or f1_several_documents), or MetaICL's case-insensitive exact match; with what the cut prompt
+    held of each query's context (`held`: demos_in_prompt, document_in_prompt)."""
+    ranks, held = ranks or [{}] * len(predictions), held or [{}] * len(predictions)
     if unit.demos:
         majority = Counter(y for _, y in unit.demos).most_common(1)[0][0]
-        held = [{"demos_in_prompt": n} for n in kept] or [{}] * len(predictions)
         return [{"accuracy": float(p.strip().lower() == g[0].strip().lower()),
                  "majority_label": float(majority == g[0]), **r, **h}
                 for p, g, r, h in zip(predictions, unit.golds, ranks, held)]
-    return [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r}
-            for p, g, r in zip(predictions, unit.golds, ranks)]
+    rows = [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r, **h}
+            for p, g, r, h in zip(predictions, unit.golds, ranks, held)]
+    if unit.documents:
+        documents = "one_document" if unit.documents == 1 else "several_documents"
+        rows = [{**row, f"f1_{documents}": row["f1"]} for row in rows]
+    return rows
 
 
 def mean(values) -> float:
@@ -575,6 +583,11 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                            "its kind (0 = always first, 0.5 = no information)", "{:.3f}", 1.0))
         parts.append(table("wrong_in_context", "context_length", "wrong answers that occur word for word in "
                            "the context (% of questions: another document's fact)"))
+        parts += [table(f"f1_{documents}", "context_length", f"F1 on questions whose context is {name}")
+                  for documents, name in (("one_document", "one document"),
+                                          ("several_documents", "several documents"))]
+        parts.append(table("document_in_prompt", "context_length", "questions whose document the prompt holds "
+                           "whole (%; the context is cut from the left to the base's window)"))
         parts += forms_tables(table, rows, "context_length")
         column = "context_length"
     elif task == "metaicl":
@@ -757,7 +770,7 @@ def main(argv=None) -> dict:
                                      unit="context", leave=False):
                         result = run_method(method, unit, model, tokenizer, generator, settings)
                         result["scores"] = score_unit(unit, result["predictions"], result.pop("ranks"),
-                                                      result.pop("demos_in_prompt", []))
+                                                      result.pop("held", []))
                         outputs.append(result)
                         for q, p, g, s in zip(unit.queries, result["predictions"], unit.golds, result["scores"]):
                             predictions.write(json.dumps({**unit.key, "query": q, "prediction": p,

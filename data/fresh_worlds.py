@@ -49,6 +49,7 @@ READING_MIX = {"qa": 0.85, "fewshot": 0.05, "dialogue": 0.05, "closed_book": 0.0
 # The base stage's last phase draws by this mix: in-context learning of invented tasks is the
 # slowest skill to come (exact match on fresh few-shot records was 36% after 9,000 steps of MIX,
 # and still rising).
+MANY_DOCUMENTS = (2, 4)  # the documents of a many-document QA record (FreshWorlds.many_documents)
 ICL_MIX = {"qa": 0.30, "fewshot": 0.50, "dialogue": 0.10, "closed_book": 0.10}
 
 # Label words of invented classification tasks: common words, none a label of a MetaICL test task
@@ -230,9 +231,11 @@ class FreshWorlds:
     LIBRARY_SIZES = (64, 16, 16)  # the library; the first half of each list is asked about
 
     def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = INVENTED_LABELS,
-                 lower_labels: float = 0.0, common_labels: int = COMMON_LABELS, invented_phrasing: float = 0.0):
+                 lower_labels: float = 0.0, common_labels: int = COMMON_LABELS, invented_phrasing: float = 0.0,
+                 many_documents: float = 0.0):
         self.world, self.invented_labels, self.lower_labels = build_world(config), invented_labels, lower_labels
         self.common_labels, self.invented_phrasing = common_labels, invented_phrasing
+        self.many_documents = many_documents
         w = self.world
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
@@ -290,8 +293,12 @@ class FreshWorlds:
                     "answer": r["answer"], "follow_ups": []}
         world, split = self._fresh(rng, self.SIZES)
         if kind == "qa":
-            easy = rng.random() < 0.5  # one document, no distractor: how a small model first learns look-up
-            documents = documents_about(world, split, 1 if easy else rng.randint(1, 3), rng, distractors=not easy)
+            if self.many_documents and rng.random() < self.many_documents:
+                easy, n = False, rng.randint(*MANY_DOCUMENTS)
+            else:
+                easy = rng.random() < 0.5  # one document, no distractor: how a small model first learns look-up
+                n = 1 if easy else rng.randint(1, 3)
+            documents = documents_about(world, split, n, rng, distractors=not easy)
             facts = [fact for d in documents for fact in d.questions]
             return self._turns("qa", "\n\n".join(d.text for d in documents),
                                rng.sample(facts, min(len(facts), rng.randint(1, 4))), rng)

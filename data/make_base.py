@@ -92,6 +92,8 @@ class BaseConfig(LoopConfig):
     invented_phrasing: float = setting(0.0, "share of the invented few-shot tasks that state their inputs in an "
                                             "invented phrasing, drawn for the task (fresh_worlds.invented_phrasing): "
                                             "roles read off the demonstrations, not off trained words")
+    many_documents: float = setting(0.0, "share of the question-answering records whose context holds 2-4 documents "
+                                         "(fresh_worlds.MANY_DOCUMENTS) with distractors, questions about any")
     layers: int = setting(TINY_BASE.n_layers, "the base's depth, in layers of TINY_BASE's width and heads (the "
                                               "README's base study tried 8)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
@@ -114,7 +116,7 @@ class BaseConfig(LoopConfig):
             raise ValueError(f"--icl_steps {self.icl_steps} + --rounds {self.rounds} x --round_steps "
                              f"{self.round_steps}: expected fewer than --steps ({self.steps}), which they are part of")
         for name in ("copy_rows", "recall_rows", "lookup_rows", "invented_labels", "lower_labels",
-                     "invented_phrasing"):
+                     "invented_phrasing", "many_documents"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: expected a share from 0 to 1")
         if self.copy_rows + self.recall_rows > 1:
@@ -208,7 +210,7 @@ class FreshSource:
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
                  copy: float = 0.0, lookup: float = 0.0, labels: tuple = (), recall: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        # labels: (invented_labels, lower_labels, common_labels, invented_phrasing), or () for the defaults
+        # labels: (invented_labels, lower_labels, common_labels, invented_phrasing, many_documents), or ()
         self.worlds = FreshWorlds(WorldConfig(), *labels)
         self.count, self.icl, self.copy, self.recall, self.lookup = 0, False, copy, recall, lookup
         self.pieces = word_pieces(tokenizer)
@@ -382,7 +384,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
             redraw_alike(model, tokenizer)
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows,
                         (config.invented_labels, config.lower_labels, config.common_labels,
-                         config.invented_phrasing), config.recall_rows)
+                         config.invented_phrasing, config.many_documents), config.recall_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:

@@ -333,6 +333,16 @@ def test_invented_phrasing_is_the_tasks_own():
     assert not plain(inputs) & trained
 
 
+
+def test_many_documents_share_of_question_answering_records():
+    def documents(fresh):  # per record, the documents of its context (one paragraph each)
+        return [fresh.record("qa", make_world.random.Random(f"many/{i}"))["context"].count("\n\n") + 1
+                for i in range(200)]
+    every, half, none = (documents(fresh_worlds.FreshWorlds(many_documents=share)) for share in (1.0, 0.5, 0.0))
+    assert set(every) == set(range(fresh_worlds.MANY_DOCUMENTS[0], fresh_worlds.MANY_DOCUMENTS[1] + 1))
+    assert set(none) == {1, 2, 3} and 0.4 < none.count(1) / 200 < 0.8  # half of them one easy document
+    assert none.count(1) / 200 - 0.35 < half.count(1) / 200 < none.count(1) / 200 - 0.1
+
 def test_ladder_rungs():
     ladder = make_world.Ladder()
     entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]

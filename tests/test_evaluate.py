@@ -257,6 +257,27 @@ def test_streamingqa_oracle_is_the_questions_document():
             assert oracle == records[query].document and oracle in unit.context
 
 
+
+def test_streamingqa_scores_by_documents_and_what_the_cut_prompt_holds(tiny):
+    tokenizer = evaluate.Tokenizer(str(ROOT / "data" / "tiny" / "tokenizer.model"))
+    units = evaluate.streamingqa_units(WORLD / "streamingqa_test.csv", tokenizer, [128, 256], 150)
+    assert {u.documents for u in units} >= {1, 2, 3}  # both kinds of context at 128 tokens, several at 256
+    assert all(u.documents == len(u.context.split("\n\n")) for u in units)  # a document is one paragraph
+    model, tokenizer = evaluate.load(tiny / "base", "cpu")  # a window of 128 tokens
+    first, second = "Bram Tosk was born in Lovel. " * 20, "Dira Fenn was born in New Tarn."
+    unit = evaluate.Unit(f"{first}\n\n{second}", ["Where was Bram Tosk born?", "Where was Dira Fenn born?"],
+                         [["Lovel"], ["New Tarn"]], {"context_length": 256}, oracles=[first, second], documents=2)
+    result = evaluate.run_method("prompt", unit, model, tokenizer, None, evaluate.Settings(2, 4, 0, 0.0, 1, 0))
+    assert [h["document_in_prompt"] for h in result["held"]] == [0.0, 1.0]  # the cut took the first
+    scores = evaluate.score_unit(unit, ["Lovel", "Lovel"], [], result["held"])
+    assert [(s["f1_several_documents"], s["document_in_prompt"]) for s in scores] == [(1.0, 0.0), (0.0, 1.0)]
+    assert "f1_one_document" not in scores[0]
+    alone = evaluate.Unit(second, unit.queries[1:], unit.golds[1:], {"context_length": 128}, oracles=[second],
+                          documents=1)
+    assert evaluate.score_unit(alone, ["New Tarn"], [])[0]["f1_one_document"] == 1.0
+    rows = [{"method": "prompt", "context_length": 256, **s} for s in scores[:1]]
+    assert "questions whose document the prompt holds whole" in evaluate.markdown_tables("streamingqa", rows)
+
 def test_adapter_oracle_answers_each_query_from_its_own_part(tiny):
     """adapter_oracle = the adapter method run on each query's oracle as the whole context, each
     distinct oracle streamed once; an adapter of the same size."""
