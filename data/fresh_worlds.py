@@ -49,8 +49,8 @@ READING_MIX = {"qa": 0.85, "fewshot": 0.05, "dialogue": 0.05, "closed_book": 0.0
 # The base stage's last phase draws by this mix: in-context learning of invented tasks is the
 # slowest skill to come (exact match on fresh few-shot records was 36% after 9,000 steps of MIX,
 # and still rising).
-MANY_DOCUMENTS = (2, 4)  # the documents of a many-document QA record (FreshWorlds.many_documents)
 ICL_MIX = {"qa": 0.30, "fewshot": 0.50, "dialogue": 0.10, "closed_book": 0.10}
+MANY_DOCUMENTS = (2, 4)  # the documents of a many-document QA record (FreshWorlds.many_documents)
 
 # Label words of invented classification tasks: common words, none a label of a MetaICL test task
 # (those are checked against build_tasks' test tasks, with the world's invented label words). A task

@@ -208,10 +208,11 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0, labels: tuple = (), recall: float = 0.0):
+                 copy: float = 0.0, lookup: float = 0.0, worlds: tuple = (), recall: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
-        # labels: (invented_labels, lower_labels, common_labels, invented_phrasing, many_documents), or ()
-        self.worlds = FreshWorlds(WorldConfig(), *labels)
+        # worlds: FreshWorlds' shares (invented_labels, lower_labels, common_labels, invented_phrasing,
+        # many_documents), or () for its defaults
+        self.worlds = FreshWorlds(WorldConfig(), *worlds)
         self.count, self.icl, self.copy, self.recall, self.lookup = 0, False, copy, recall, lookup
         self.pieces = word_pieces(tokenizer)
 
