@@ -192,6 +192,9 @@ class Unit:
     candidates: list[list[str]] = field(default_factory=list)  # per query, gold first (gold_ranks)
     oracles: list[str] = field(default_factory=list)  # per query, the part of the context that holds its answer
     documents: int = 0  # StreamingQA: how many documents the context joins
+    # the queries' subset, whose F1 and EM are given again as f1_<subset>, em_<subset> (StreamingQA:
+    # one_document or several_documents; recall: same_kind, another fact of the asked kind, or other_kinds)
+    subset: str = ""
 
 
 def group_documents(documents: list[str], lengths: list[int], budget: int) -> list[list[int]]:
@@ -230,7 +233,8 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
                 units.append(Unit("\n\n".join(documents[i] for i in group), [r.question for r in qa],
                                   [r.answers for r in qa], {"context_length": budget},
                                   candidates=[alike(r) for r in qa], oracles=[r.document for r in qa],
-                                  documents=len(group)))
+                                  documents=len(group),
+                                  subset="one_document" if len(group) == 1 else "several_documents"))
             asked += len(qa)
     return units
 
@@ -284,7 +288,8 @@ def recall_units(facts: list[int], limit: int) -> list[Unit]:
     for n in facts:
         for i in range(limit):
             r = ladder.recall("test", n, str(i))
-            units.append(Unit(r["context"], [r["prompt"]], [[r["answer"]]], {"facts": n}))
+            units.append(Unit(r["context"], [r["prompt"]], [[r["answer"]]], {"facts": n},
+                              subset="same_kind" if r["alike"] else "other_kinds"))
     return units
 
 
@@ -498,9 +503,9 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
 
 def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], held: list[dict] = ()) -> list[dict]:
     """Per-query scores: QA metrics (with the gold's rank where there are candidates, whether a
-    wrong answer was taken from the context, and on StreamingQA the F1 again under f1_one_document
-    or f1_several_documents), or MetaICL's case-insensitive exact match; with what the cut prompt
-    held of each query's context (`held`: demos_in_prompt, document_in_prompt)."""
+    wrong answer was taken from the context, and F1 and EM again under the unit's subset), or
+    MetaICL's case-insensitive exact match; with what the cut prompt held of each query's context
+    (`held`: demos_in_prompt, document_in_prompt)."""
     ranks, held = ranks or [{}] * len(predictions), held or [{}] * len(predictions)
     if unit.demos:
         majority = Counter(y for _, y in unit.demos).most_common(1)[0][0]
@@ -509,9 +514,8 @@ def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], held: list
                 for p, g, r, h in zip(predictions, unit.golds, ranks, held)]
     rows = [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r, **h}
             for p, g, r, h in zip(predictions, unit.golds, ranks, held)]
-    if unit.documents:
-        documents = "one_document" if unit.documents == 1 else "several_documents"
-        rows = [{**row, f"f1_{documents}": row["f1"]} for row in rows]
+    if unit.subset:
+        rows = [{**row, f"f1_{unit.subset}": row["f1"], f"em_{unit.subset}": row["em"]} for row in rows]
     return rows
 
 
@@ -607,6 +611,10 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
         column = "shots"
     elif task == "recall":
         parts = [table(m, "facts", f"{name} by facts in the context") for m, name in (("em", "EM"), ("f1", "F1"))]
+        parts += [table(f"em_{subset}", "facts", f"EM on contexts where {name}")
+                  for subset, name in (("same_kind", "another fact is of the asked kind (another birthplace "
+                                                     "for a birthplace)"),
+                                       ("other_kinds", "every other fact is of another kind"))]
         parts += forms_tables(table, rows, "facts")
         column = "facts"
     else:  # MSC: a row per method, a column per metric

@@ -947,7 +947,7 @@ class Ladder:
         split = self.world.splits[split_name]
         if rung in ("fact", "people"):
             return self._facts(split, rng, people=1 if rung == "fact" else rng.randint(1, 4),
-                               facts=1 if rung == "fact" else None)
+                               facts=1 if rung == "fact" else None)[0]
         if rung == "fewshot":
             return fewshot_instruction(rng.choice(self.tasks), split, rng)
         if rung == "tasks":
@@ -972,9 +972,11 @@ class Ladder:
 
     def recall(self, split_name: str, n: int, key: str) -> dict:
         """An associative-recall probe: n facts, each of another person, one sentence each, and a
-        question about one of them (how many facts can one context's adapter hold?)."""
+        question about one of them (how many facts can one context's adapter hold?); "alike":
+        how many of the other facts are of the asked kind (another birthplace for a birthplace)."""
         rng = random.Random(f"ladder/recall/{split_name}/{n}/{key}")
-        return self._facts(self.world.splits[split_name], rng, people=n, facts=1)
+        record, alike = self._facts(self.world.splits[split_name], rng, people=n, facts=1)
+        return {**record, "alike": alike}
 
     def _alike(self, split: Split, rng: random.Random) -> dict:
         """Documents about 2-4 people with random facts, each stating the kind of fact asked about
@@ -992,19 +994,21 @@ class Ladder:
         return replace(person, birth_city=rng.choice(list(self.world.cities)), birth_year=rng.randint(1920, 2005),
                        job=rng.choice(JOBS), employer=rng.choice(split.organisations).name)
 
-    def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> dict:
+    def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> tuple[dict, int]:
         """Sentences stating random facts of `people` people (`facts` each, or 1-3), and a
-        question about one of them."""
-        sentences, questions = [], []
+        question about one of them; and how many of the other people's facts are of its kind."""
+        sentences, questions, kinds = [], [], []
         for person in rng.sample(split.people, people):
             person = self._random_facts(person, split, rng)
             slots = {**fact_slots(self.world, person), **subject_slots(person, by_name=True)}
             stated = rng.sample(LADDER_FACTS, facts or rng.randint(1, 3))
             sentences += [rng.choice(PERSON_SENTENCES[(r,)]).format(**slots) for r in stated]
             questions += [facts_of(self.world, person)[r] for r in stated]
+            kinds += [(person.name, r) for r in stated]
         rng.shuffle(sentences)
-        phrasings, answers = rng.choice(questions)
-        return {"context": " ".join(sentences), "prompt": rng.choice(phrasings), "answer": answers[0]}
+        (phrasings, answers), (whose, kind) = rng.choice(list(zip(questions, kinds)))
+        alike = sum(k == kind and name != whose for name, k in kinds)
+        return {"context": " ".join(sentences), "prompt": rng.choice(phrasings), "answer": answers[0]}, alike
 
 
 # -----------------------------------------------------------------------------

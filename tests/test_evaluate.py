@@ -263,17 +263,20 @@ def test_streamingqa_scores_by_documents_and_what_the_cut_prompt_holds(tiny):
     units = evaluate.streamingqa_units(WORLD / "streamingqa_test.csv", tokenizer, [128, 256], 150)
     assert {u.documents for u in units} >= {1, 2, 3}  # both kinds of context at 128 tokens, several at 256
     assert all(u.documents == len(u.context.split("\n\n")) for u in units)  # a document is one paragraph
+    assert all(u.subset == ("one_document" if u.documents == 1 else "several_documents") for u in units)
     model, tokenizer = evaluate.load(tiny / "base", "cpu")  # a window of 128 tokens
     first, second = "Bram Tosk was born in Lovel. " * 20, "Dira Fenn was born in New Tarn."
     unit = evaluate.Unit(f"{first}\n\n{second}", ["Where was Bram Tosk born?", "Where was Dira Fenn born?"],
-                         [["Lovel"], ["New Tarn"]], {"context_length": 256}, oracles=[first, second], documents=2)
+                         [["Lovel"], ["New Tarn"]], {"context_length": 256}, oracles=[first, second], documents=2,
+                         subset="several_documents")
     result = evaluate.run_method("prompt", unit, model, tokenizer, None, evaluate.Settings(2, 4, 0, 0.0, 1, 0))
     assert [h["document_in_prompt"] for h in result["held"]] == [0.0, 1.0]  # the cut took the first
     scores = evaluate.score_unit(unit, ["Lovel", "Lovel"], [], result["held"])
-    assert [(s["f1_several_documents"], s["document_in_prompt"]) for s in scores] == [(1.0, 0.0), (0.0, 1.0)]
+    assert [(s["f1_several_documents"], s["em_several_documents"], s["document_in_prompt"]) for s in scores] == \
+        [(1.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
     assert "f1_one_document" not in scores[0]
     alone = evaluate.Unit(second, unit.queries[1:], unit.golds[1:], {"context_length": 128}, oracles=[second],
-                          documents=1)
+                          documents=1, subset="one_document")
     assert evaluate.score_unit(alone, ["New Tarn"], [])[0]["f1_one_document"] == 1.0
     rows = [{"method": "prompt", "context_length": 256, **s} for s in scores[:1]]
     assert "questions whose document the prompt holds whole" in evaluate.markdown_tables("streamingqa", rows)
@@ -318,11 +321,21 @@ def test_recall_probe(tiny):
     assert [u.key["facts"] for u in units] == [1, 1, 1, 5, 5, 5]
     for u in units:  # n sentences about n people; the answer is stated once
         assert u.context.count(".") >= u.key["facts"] and u.golds[0][0] in u.context
+    ladder = evaluate.Ladder()  # "alike": the other facts of the asked kind, which sets the unit's subset
+    for i in range(40):
+        r = ladder.recall("test", 4, f"alike/{i}")
+        years = re.findall(r"\b\d{4}\b", r["context"])
+        if r["answer"].isdigit():  # a year asked: the other years of the context are the alike facts
+            assert r["alike"] == len(years) - 1
+    kinds = {u.subset for u in evaluate.recall_units([1, 4], 20)}
+    assert kinds == {"same_kind", "other_kinds"}
+    assert all(u.subset == "other_kinds" for u in evaluate.recall_units([1], 5))  # one fact: nothing alike
     results = evaluate.main(["--task", "recall", "--base", str(tiny / "base"), "--generator", str(tiny / "gen"),
                              "--facts", "1", "5", "--limit", "2", "--methods", "prompt,adapter",
                              "--max_new_tokens", "4", "--out", str(tiny / "recall"), "--device", "cpu"])
     assert {(r["method"], r["facts"]) for r in results["rows"]} == {(m, n) for m in ("prompt", "adapter") for n in (1, 5)}
     assert "EM by facts in the context" in (tiny / "recall" / "results.md").read_text()
+    assert "EM on contexts where every other fact is of another kind" in (tiny / "recall" / "results.md").read_text()
     with pytest.raises(ValueError, match="the recall probe makes its contexts"):
         evaluate.parse_args(["--task", "recall", "--data", "x.csv"])
     with pytest.raises(ValueError, match="--facts is not used by --task streamingqa"):
