@@ -293,6 +293,7 @@ class FreshWorlds:
                     "answer": r["answer"], "follow_ups": []}
         world, split = self._fresh(rng, self.SIZES)
         if kind == "qa":
+            # no draw at share 0: the defaults' records, and the bundled base's rebuild, stay as they were
             if self.many_documents and rng.random() < self.many_documents:
                 easy, n = False, rng.randint(*MANY_DOCUMENTS)
             else:

@@ -146,7 +146,7 @@ def test_lookup_rows_take_a_share_of_the_few_shot_records():
     assert mix == pytest.approx(ICL_MIX | {"fewshot": 0.375, "lookup": 0.125}) and math.isclose(sum(mix.values()), 1.0)
     with pytest.raises(ValueError, match="--lookup_rows -0.1: expected a share from 0 to 1"):
         make_base.parse_args(["--lookup_rows", "-0.1"])
-    for flag in ("--invented_labels", "--lower_labels", "--invented_phrasing"):
+    for flag in ("--invented_labels", "--lower_labels", "--invented_phrasing", "--many_documents"):
         with pytest.raises(ValueError, match=f"{flag} 2.0: expected a share from 0 to 1"):
             make_base.parse_args([flag, "2"])
     for value in ("1", str(len(fresh_worlds.LABELS) + 1)):
