@@ -21,7 +21,10 @@ Every method runs on the same frozen base, as in the paper's experiments (§4):
   adapter      GenerativeAdapter: the context streams through the base once (paper §3), the
                generated adapter is merged into the weights, the query goes in alone;
   adapter_oracle  the adapter of the part that holds the answer alone (as prompt_oracle): set
-               against adapter, it shows what the rest of the context costs (not run by default).
+               against adapter, it shows what the rest of the context costs (not run by default);
+  adapter_apart  the parts (documents, sessions) each streamed alone, their states added: the
+               same sum S, without reading a part under the adapter of the parts before it; set
+               against adapter, it shows what reading them together does (not run by default).
 
 Writes, under --out: predictions_{method}.jsonl, results.json and results.md (the tables
 printed at the end). Reruns give the same predictions and metrics (fixed seeds, greedy).
@@ -53,10 +56,11 @@ from model import (Tokenizer, Transformer, answer_text, chat_example, check_at_l
                    generate, generation_flops, kv_cache_floats, load, module_widths, query_prompt)
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter", "adapter_oracle")
-ORACLE_METHODS = ("prompt_oracle", "adapter_oracle")
-ADAPTER_METHODS = ("adapter", "adapter_oracle")
-ORACLE_TASKS = ("msc", "streamingqa")  # the tasks whose units know which part of the context holds the answer
+METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter", "adapter_oracle", "adapter_apart")
+ORACLE_METHODS = ("prompt_oracle", "adapter_oracle", "adapter_apart")
+ADAPTER_METHODS = ("adapter", "adapter_oracle", "adapter_apart")
+# the tasks whose units know the parts of their context, and which part holds each answer
+ORACLE_TASKS = ("msc", "streamingqa")
 DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
                 "msc": "data/world/msc_self_instruct_test.jsonl"}
 MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20, "lookup": 10}
@@ -191,6 +195,7 @@ class Unit:
     options: list[str] = field(default_factory=list)  # MetaICL classification labels
     candidates: list[list[str]] = field(default_factory=list)  # per query, gold first (gold_ranks)
     oracles: list[str] = field(default_factory=list)  # per query, the part of the context that holds its answer
+    parts: list[str] = field(default_factory=list)  # the context's documents or sessions, in order
     documents: int = 0  # StreamingQA: how many documents the context joins
     # the queries' subset, whose F1 and EM are given again as f1_<subset>, em_<subset> (StreamingQA:
     # one_document or several_documents; recall: same_kind, another fact of the asked kind, or other_kinds)
@@ -233,7 +238,7 @@ def streamingqa_units(path, tokenizer: Tokenizer, context_lengths: list[int], li
                 units.append(Unit("\n\n".join(documents[i] for i in group), [r.question for r in qa],
                                   [r.answers for r in qa], {"context_length": budget},
                                   candidates=[alike(r) for r in qa], oracles=[r.document for r in qa],
-                                  documents=len(group),
+                                  parts=[documents[i] for i in group], documents=len(group),
                                   subset="one_document" if len(group) == 1 else "several_documents"))
             asked += len(qa)
     return units
@@ -312,7 +317,7 @@ def msc_units(path, limit: int) -> list[Unit]:
     for record in read_msc(path)[:limit]:
         sessions = ["\n".join(f"{speaker}: {text}" for speaker, text in dialog) for dialog in record.previous_dialogs]
         units.append(Unit("\n\n".join(sessions), [record.question], [[record.answer]], {},
-                          oracles=[oracle_session(sessions, record.answer)]))
+                          oracles=[oracle_session(sessions, record.answer)], parts=sessions))
     return units
 
 
@@ -440,7 +445,7 @@ def run_method(method: str, unit: Unit, model: Transformer, tokenizer: Tokenizer
     """Answers a unit's queries with one method -> predictions, tokens, FLOPs, storage."""
     if method in ADAPTER_METHODS:
         contexts = unit.oracles if method == "adapter_oracle" else [unit.context] * len(unit.queries)
-        return adapter_answers(unit, contexts, model, tokenizer, generator, settings)
+        return adapter_answers(unit, contexts, model, tokenizer, generator, settings, method == "adapter_apart")
     args, extra_flops, storage, adapter, held = model.args, 0, None, None, []
     prompts = [query_prompt(tokenizer, q) for q in unit.queries]
     if method in ("prompt", "prompt_oracle", "rag"):
@@ -472,16 +477,18 @@ def demos_in_prompt(tokenizer: Tokenizer, query: str, demos: list[tuple[str, str
 
 
 def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokenizer: Tokenizer,
-                    generator: AdapterGenerator, settings: Settings) -> dict:
+                    generator: AdapterGenerator, settings: Settings, apart: bool = False) -> dict:
     """GenerativeAdapter (paper §4): each distinct context of the queries streams through the base
-    once, its adapter is merged into the weights, and the queries about it go in alone."""
+    once, its adapter is merged into the weights, and the queries about it go in alone. apart:
+    the unit's parts stream one by one from an empty state instead, and their states add up."""
     n = len(unit.queries)
     out = {"predictions": [""] * n, "ranks": [{}] * n if unit.candidates else [], "tokens": 0, "flops": 0}
     query_flops = 0
     for context in dict.fromkeys(contexts):
         asked = [i for i, c in enumerate(contexts) if c == context]
-        ids = context_ids(tokenizer, context)
-        lora = generator.lora(generator.contextualize(model, ids))
+        streams = [context_ids(tokenizer, part) for part in (unit.parts if apart else [context])]
+        states = [generator.contextualize(model, ids) for ids in streams]
+        lora = generator.lora(sum(states[1:], states[0]))
         prompts = [query_prompt(tokenizer, unit.queries[i]) for i in asked]
         with merged(model, lora):
             texts, tokens, flops = answer(model, tokenizer, prompts, settings)
@@ -490,8 +497,8 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
             out["predictions"][i] = texts[j]
             if ranks:
                 out["ranks"][i] = ranks[j]
-        out["tokens"] += tokens + len(ids)
-        windows = [len(w) for w in split_windows(ids, generator.config.window)]
+        out["tokens"] += tokens + sum(map(len, streams))
+        windows = [len(w) for ids in streams for w in split_windows(ids, generator.config.window)]
         out["flops"] += flops + ingestion_flops(model.args, generator, windows)
         query_flops += flops
     return {**out, "query_flops": query_flops / n, "storage_floats": lora_floats(lora)}
@@ -653,9 +660,9 @@ def parse_args(argv=None):
                    help="the benchmark; recall: the associative-recall probe on generated facts; lookup: the "
                         "in-context look-up probe on invented classifications")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods (default: all of {','.join(METHODS)} but adapter_oracle, "
-                        f"and prompt_oracle for --task msc only; the oracle methods for --task "
-                        f"{' and '.join(ORACLE_TASKS)} only)")
+                   help=f"comma-separated methods (default: all of {','.join(METHODS)} but adapter_oracle "
+                        f"and adapter_apart, and prompt_oracle for --task msc only; the oracle methods and "
+                        f"adapter_apart for --task {' and '.join(ORACLE_TASKS)} only)")
     p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
     p.add_argument("--generator", default=None,
                    help="generator directory, generator.json + generator.safetensors (default: data/tiny/generator)")
@@ -689,20 +696,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed of the fine-tuning baseline (default: 0)")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods is not None else \
-        [m for m in METHODS if m != "adapter_oracle" and (m != "prompt_oracle" or args.task == "msc")]
+        [m for m in METHODS if m not in ("adapter_oracle", "adapter_apart")
+         and (m != "prompt_oracle" or args.task == "msc")]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise ValueError(f"--methods {args.methods}: expected some of {','.join(METHODS)}, each once")
     for m in ORACLE_METHODS:
         if m in methods and args.task not in ORACLE_TASKS:
-            raise ValueError(f"--methods {m}: only --task {' or '.join(ORACLE_TASKS)} knows which part of "
-                             "the context holds the answer")
+            raise ValueError(f"--methods {m}: only --task {' or '.join(ORACLE_TASKS)} knows the parts of "
+                             "its contexts and which part holds the answer")
     for name, tasks in TASK_FLAGS.items():
         if getattr(args, name) is not None and args.task not in tasks:
             raise ValueError(f"--{name} is not used by --task {args.task} (it is for --task {' and '.join(tasks)})")
     for name, users in METHOD_FLAGS.items():
         if getattr(args, name) is not None and not set(users) & set(methods):
-            raise ValueError(f"--{name} is only used by the {' and '.join(users)} method{'s' * (len(users) > 1)}, "
+            named = " and ".join([", ".join(users[:-1]), users[-1]] if len(users) > 1 else users)
+            raise ValueError(f"--{name} is only used by the {named} method{'s' * (len(users) > 1)}, "
                              f"which --methods {args.methods} leaves out")
     for name in ("base", "generator", "data", "config", "out"):
         if getattr(args, name) == "":

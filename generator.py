@@ -503,6 +503,11 @@ class ContextState:
     S: dict[str, torch.Tensor]
     tokens: int = 0
 
+    def __add__(self, other: "ContextState") -> "ContextState":
+        """Two contexts streamed apart, each from an empty state, as one state: S is a sum over
+        windows, so states add up (evaluate.py's adapter_apart)."""
+        return ContextState({m: s + other.S[m] for m, s in self.S.items()}, self.tokens + other.tokens)
+
     def save(self, path) -> None:
         tensors = {m: s.contiguous() for m, s in self.S.items()}
         atomic_write(Path(path), lambda p: save_file(tensors, p, {"tokens": str(self.tokens)}))

@@ -33,11 +33,11 @@ import random
 import re
 from dataclasses import replace
 
-from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, ORG_SENTENCES, PERSON_SENTENCES, STYLES, Event,
-                             NameMaker, Organisation, Person, Split, Task, World, WorldConfig, build_split,
-                             build_tasks, build_world, dialogue_text, documents_about, fact_slots, facts_of,
-                             fewshot_context, fewshot_query, msc_user, name_words, pick_entity, reserved_words,
-                             short_name, subject_slots, write_document)
+from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, JOBS, LADDER_FACTS, ORG_SENTENCES, PERSON_SENTENCES,
+                             STYLES, Event, NameMaker, Organisation, Person, Split, Task, World, WorldConfig,
+                             build_split, build_tasks, build_world, dialogue_text, documents_about, fact_slots,
+                             facts_of, fewshot_context, fewshot_query, msc_user, name_words, pick_entity,
+                             reserved_words, short_name, subject_slots, write_document)
 
 KINDS = ("text", "qa", "fewshot", "dialogue", "closed_book", "lookup")
 # Shares of the instruction records (every kind but text); text windows are drawn separately.
@@ -51,6 +51,12 @@ READING_MIX = {"qa": 0.85, "fewshot": 0.05, "dialogue": 0.05, "closed_book": 0.0
 # and still rising).
 ICL_MIX = {"qa": 0.30, "fewshot": 0.50, "dialogue": 0.10, "closed_book": 0.10}
 MANY_DOCUMENTS = (2, 4)  # the documents of a many-document QA record (FreshWorlds.many_documents)
+BINDING_PEOPLE = (2, 6)  # the people of a binding record (FreshWorlds.binding)
+# A binding record's questions asked by the value: whose fact it is.
+REVERSE_QUESTIONS = {"birth_city": ("Who was born in {city}?", "Which person is a native of {city}?"),
+                     "birth_year": ("Who was born in {year}?", "Which person was born in the year {year}?"),
+                     "job": ("Who works as {a_job}?", "Which person is {a_job} by trade?"),
+                     "employer": ("Who works for {org}?", "Which person is employed by {org}?")}
 
 # Label words of invented classification tasks: common words, none a label of a MetaICL test task
 # (those are checked against build_tasks' test tasks, with the world's invented label words). A task
@@ -232,10 +238,10 @@ class FreshWorlds:
 
     def __init__(self, config: WorldConfig = WorldConfig(), invented_labels: float = INVENTED_LABELS,
                  lower_labels: float = 0.0, common_labels: int = COMMON_LABELS, invented_phrasing: float = 0.0,
-                 many_documents: float = 0.0):
+                 many_documents: float = 0.0, binding: float = 0.0):
         self.world, self.invented_labels, self.lower_labels = build_world(config), invented_labels, lower_labels
         self.common_labels, self.invented_phrasing = common_labels, invented_phrasing
-        self.many_documents = many_documents
+        self.many_documents, self.binding = many_documents, binding
         w = self.world
         names = ([*w.cities, *w.cities.values(), *w.first_names, *w.pet_names, *w.label_words]
                  + [p.last for p in w.people.values()] + [n.split()[0] for n in [*w.organisations, *w.teams]]
@@ -294,6 +300,8 @@ class FreshWorlds:
         world, split = self._fresh(rng, self.SIZES)
         if kind == "qa":
             # no draw at share 0: the defaults' records, and the bundled base's rebuild, stay as they were
+            if self.binding and rng.random() < self.binding:
+                return self._binding(world, split, rng)
             if self.many_documents and rng.random() < self.many_documents:
                 easy, n = False, rng.randint(*MANY_DOCUMENTS)
             else:
@@ -320,6 +328,32 @@ class FreshWorlds:
         turns = [(rng.choice(phrasings), answers[0]) for phrasings, answers in facts]
         return {"kind": kind, "context": context, "prompt": turns[0][0], "answer": turns[0][1],
                 "follow_ups": turns[1:]}
+
+    @staticmethod
+    def _binding(world: World, split: Split, rng: random.Random) -> dict:
+        """BINDING_PEOPLE people, one sentence each stating a fact of one kind (values drawn at
+        random, all different), and 1-4 questions, each about a value (whose birth year?) or, with
+        equal odds, by it (who was born in 1936?). Only a reader that holds which value is whose
+        answers, in either direction: what the recall probe (evaluate.py --task recall) finds the
+        tiny base doing at chance when two facts are of one kind."""
+        kind = rng.choice(LADDER_FACTS)  # a field of Person
+        n = rng.randint(*BINDING_PEOPLE)
+        values = {"birth_city": lambda: rng.sample(list(world.cities), n),
+                  "birth_year": lambda: rng.sample(range(1920, 2006), n),
+                  "job": lambda: rng.sample(JOBS, n),
+                  "employer": lambda: [o.name for o in rng.sample(split.organisations, n)]}[kind]()
+        people = [replace(p, **{kind: v}) for p, v in zip(rng.sample(split.people, n), values)]
+        sentences, turns = [], []
+        for person in people:
+            slots = {**fact_slots(world, person), **subject_slots(person, by_name=True)}
+            sentences.append(rng.choice(PERSON_SENTENCES[(kind,)]).format(**slots))
+            phrasings, answers = facts_of(world, person)[kind]
+            turns.append((rng.choice(phrasings), answers[0]) if rng.random() < 0.5
+                         else (rng.choice(REVERSE_QUESTIONS[kind]).format(**slots), person.name))
+        rng.shuffle(sentences)
+        asked = rng.sample(turns, rng.randint(1, min(4, n)))
+        return {"kind": "qa", "context": " ".join(sentences), "prompt": asked[0][0], "answer": asked[0][1],
+                "follow_ups": asked[1:]}
 
     def _fewshot(self, world: World, split: Split, rng: random.Random) -> dict:
         """1-12 demonstrations `Input: x\\nOutput: y` of an invented task, then the query, as

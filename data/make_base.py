@@ -94,6 +94,9 @@ class BaseConfig(LoopConfig):
                                             "roles read off the demonstrations, not off trained words")
     many_documents: float = setting(0.0, "share of the question-answering records whose context holds 2-4 documents "
                                          "(fresh_worlds.MANY_DOCUMENTS) with distractors, questions about any")
+    binding_rows: float = setting(0.0, "share of the question-answering records that are binding records "
+                                       "(FreshWorlds._binding): 2-6 people's facts of one kind, asked about a "
+                                       "value or by it (who was born in 1936?)")
     layers: int = setting(TINY_BASE.n_layers, "the base's depth, in layers of TINY_BASE's width and heads (the "
                                               "README's base study tried 8)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
@@ -116,7 +119,7 @@ class BaseConfig(LoopConfig):
             raise ValueError(f"--icl_steps {self.icl_steps} + --rounds {self.rounds} x --round_steps "
                              f"{self.round_steps}: expected fewer than --steps ({self.steps}), which they are part of")
         for name in ("copy_rows", "recall_rows", "lookup_rows", "invented_labels", "lower_labels",
-                     "invented_phrasing", "many_documents"):
+                     "invented_phrasing", "many_documents", "binding_rows"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: expected a share from 0 to 1")
         if self.copy_rows + self.recall_rows > 1:
@@ -211,7 +214,7 @@ class FreshSource:
                  copy: float = 0.0, lookup: float = 0.0, worlds: tuple = (), recall: float = 0.0):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
         # worlds: FreshWorlds' shares (invented_labels, lower_labels, common_labels, invented_phrasing,
-        # many_documents), or () for its defaults
+        # many_documents, binding), or () for its defaults
         self.worlds = FreshWorlds(WorldConfig(), *worlds)
         self.count, self.icl, self.copy, self.recall, self.lookup = 0, False, copy, recall, lookup
         self.pieces = word_pieces(tokenizer)
@@ -385,7 +388,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
             redraw_alike(model, tokenizer)
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows,
                         (config.invented_labels, config.lower_labels, config.common_labels,
-                         config.invented_phrasing, config.many_documents), config.recall_rows)
+                         config.invented_phrasing, config.many_documents, config.binding_rows), config.recall_rows)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:

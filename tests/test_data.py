@@ -343,6 +343,26 @@ def test_many_documents_share_of_question_answering_records():
     assert set(none) == {1, 2, 3} and 0.4 < none.count(1) / 200 < 0.8  # half of them one easy document
     assert none.count(1) / 200 - 0.35 < half.count(1) / 200 < none.count(1) / 200 - 0.1
 
+def test_binding_records_ask_about_a_value_and_by_it():
+    binding = fresh_worlds.FreshWorlds(binding=1.0)
+    records = [binding.record("qa", make_world.random.Random(f"binding/{i}")) for i in range(200)]
+    by_value = 0
+    for r in records:
+        sentences = re.split(r"(?<=\.) (?=[A-Z])", r["context"])
+        assert fresh_worlds.BINDING_PEOPLE[0] <= len(sentences) <= fresh_worlds.BINDING_PEOPLE[1]
+        turns = [(r["prompt"], r["answer"]), *r["follow_ups"]]
+        assert 1 <= len(turns) <= 4 and len({q for q, _ in turns}) == len(turns)
+        for question, answer in turns:  # the answer is in exactly one sentence: values differ, names too
+            assert sum(bool(re.search(rf"\b{re.escape(answer)}\b", s)) for s in sentences) == 1, (question, answer)
+            by_value += question.startswith(("Who ", "Which person"))
+    n = sum(1 + len(r["follow_ups"]) for r in records)
+    assert 0.35 < by_value / n < 0.65  # asked by the value about half the time
+    # a share of 0.5: the same draws, each a binding record (the same one) or a record as before
+    half = fresh_worlds.FreshWorlds(binding=0.5)
+    drawn = [half.record("qa", make_world.random.Random(f"binding/{i}"))["context"] for i in range(200)]
+    assert 0.35 < sum(c == r["context"] for c, r in zip(drawn, records)) / 200 < 0.65
+
+
 def test_ladder_rungs():
     ladder = make_world.Ladder()
     entities = json.loads((WORLD / "entities.json").read_text(encoding="utf-8"))["splits"]

@@ -141,7 +141,7 @@ def test_every_task_and_method_end_to_end(tiny, task):
     results = run(tiny, task, task)
     assert torch.is_grad_enabled()  # main() must not switch autograd off for the caller
     methods = {r["method"] for r in results["rows"]}
-    expected_methods = set(evaluate.METHODS) - {"adapter_oracle"} - ({"prompt_oracle"} if task != "msc" else set())
+    expected_methods = set(evaluate.METHODS) - {"adapter_oracle", "adapter_apart"} - ({"prompt_oracle"} if task != "msc" else set())
     assert methods == expected_methods
     out = tiny / task
     assert (out / "results.md").read_text().count("| adapter |") >= 2
@@ -305,6 +305,37 @@ def test_adapter_oracle_answers_each_query_from_its_own_part(tiny):
     assert whole["storage_floats"] == oracle["storage_floats"]
 
 
+def test_adapter_apart_adds_up_the_states_of_the_parts(tiny):
+    """adapter_apart = the adapter of the sum of the parts' states, each part streamed alone; with
+    one part it is the adapter method."""
+    model, tokenizer = evaluate.load(tiny / "base", "cpu")
+    generator = AdapterGenerator.load(tiny / "gen", model.args, "cpu")
+    with torch.no_grad():
+        generator.mods["o_proj"].B.mul_(20)  # an adapter strong enough to change the random base's answers
+    parts = ["Bram Tosk was born in Lovel.", "Dira Fenn works as a baker.", "Sela Moor lives in Tarn."]
+    queries, golds = ["Where was Bram Tosk born?", "What is Dira Fenn's job?"], [["Lovel"], ["baker"]]
+    settings = evaluate.Settings(4, 4, 0, 0.0, 1, 0)
+    candidates = [["Lovel", "Tarn"], ["baker", "nurse"]]
+    unit = evaluate.Unit("\n\n".join(parts), queries, golds, {}, candidates=candidates, parts=parts)
+    apart = evaluate.run_method("adapter_apart", unit, model, tokenizer, generator, settings)
+    states = [generator.contextualize(model, evaluate.context_ids(tokenizer, p)) for p in parts]
+    total = states[0] + states[1] + states[2]
+    for m, S in total.S.items():
+        torch.testing.assert_close(S, states[0].S[m] + states[1].S[m] + states[2].S[m])
+    assert total.tokens == sum(s.tokens for s in states)
+    with evaluate.merged(model, generator.lora(total)):
+        by_hand = evaluate.answer(model, tokenizer, [evaluate.query_prompt(tokenizer, q) for q in queries], settings)
+    assert apart["predictions"] == by_hand[0]
+    closed = evaluate.run_method("closed_book", unit, model, tokenizer, None, settings)
+    assert apart["tokens"] - closed["tokens"] == total.tokens  # each part streamed once
+    joint = evaluate.run_method("adapter", unit, model, tokenizer, generator, settings)
+    assert joint["tokens"] != apart["tokens"]  # one context against three
+    assert closed["predictions"] != apart["predictions"]  # the adapter changes the answers
+    one = evaluate.Unit(parts[0], queries, golds, {}, candidates=candidates, parts=parts[:1])
+    assert (evaluate.run_method("adapter_apart", one, model, tokenizer, generator, settings)
+            == evaluate.run_method("adapter", one, model, tokenizer, generator, settings))
+
+
 def test_same_kind_answers():
     records = evaluate.read_streamingqa(WORLD / "streamingqa_test.csv")
     alike = evaluate.same_kind_answers(records)
@@ -420,11 +451,11 @@ def test_numbers_out_of_range(flag, value, low):
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "rag,rag"], "--methods rag,rag: expected some of closed_book,prompt,prompt_oracle,rag,finetune,"
-                               "adapter,adapter_oracle, each once"),
+                               "adapter,adapter_oracle,adapter_apart, each once"),
     (["--task", "metaicl", "--methods", "prompt_oracle"], "--methods prompt_oracle: only --task msc or streamingqa"),
     (["--task", "recall", "--methods", "adapter_oracle"], "--methods adapter_oracle: only --task msc or streamingqa"),
-    (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter and adapter_oracle "
-                                                         "methods, which --methods closed_book leaves out"),
+    (["--methods", "closed_book", "--generator", "g"], "--generator is only used by the adapter, adapter_oracle and "
+                                                         "adapter_apart methods, which --methods closed_book leaves out"),
     (["--methods", "adapter", "--ft_rank", "4"], "--ft_rank is only used by the finetune method"),
     (["--shots", "4"], r"--shots is not used by --task msc \(it is for --task metaicl and lookup\)"),
     (["--task", "metaicl", "--query", "repeat"], r"--query is not used by --task metaicl \(it is for --task lookup\)"),

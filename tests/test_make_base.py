@@ -146,7 +146,7 @@ def test_lookup_rows_take_a_share_of_the_few_shot_records():
     assert mix == pytest.approx(ICL_MIX | {"fewshot": 0.375, "lookup": 0.125}) and math.isclose(sum(mix.values()), 1.0)
     with pytest.raises(ValueError, match="--lookup_rows -0.1: expected a share from 0 to 1"):
         make_base.parse_args(["--lookup_rows", "-0.1"])
-    for flag in ("--invented_labels", "--lower_labels", "--invented_phrasing", "--many_documents"):
+    for flag in ("--invented_labels", "--lower_labels", "--invented_phrasing", "--many_documents", "--binding_rows"):
         with pytest.raises(ValueError, match=f"{flag} 2.0: expected a share from 0 to 1"):
             make_base.parse_args([flag, "2"])
     for value in ("1", str(len(fresh_worlds.LABELS) + 1)):
@@ -335,15 +335,15 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     # --redraw_alike: the alike pieces of the start start anew, every other weight as loaded;
     # --copy_rows, --lookup_rows, --invented_labels, --lower_labels, --common_labels, --invented_phrasing,
-    # --many_documents and --recall_rows reach the training data (FreshSource's arguments after `reading`)
+    # --many_documents, --binding_rows and --recall_rows reach the training data (FreshSource's arguments after `reading`)
     shares = []
     monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[5:]) or real_source(*a))
     redrawn = make_base.main(base_args(tmp_path / "redrawn", "--init", str(make_base.TINY), "--lr", "1e-12",
                                        "--redraw_alike", "--copy_rows", "0.25", "--lookup_rows", "0.5",
                                        "--invented_labels", "0.8", "--lower_labels", "0.4", "--common_labels", "100",
                                        "--invented_phrasing", "0.3", "--recall_rows", "0.125",
-                                       "--many_documents", "0.6"))
-    assert shares[0] == (0.25, 0.5, (0.8, 0.4, 100, 0.3, 0.6), 0.125)  # then validation's recall rows: no shares
+                                       "--many_documents", "0.6", "--binding_rows", "0.7"))
+    assert shares[0] == (0.25, 0.5, (0.8, 0.4, 100, 0.3, 0.6, 0.7), 0.125)  # then validation's recall rows: no shares
     alike = make_base.alike_pieces(*load(make_base.TINY))
     drawn = Transformer.from_pretrained(redrawn).state_dict()
     rows = torch.zeros(len(drawn["embed_tokens.weight"]), dtype=torch.bool)
