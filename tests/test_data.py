@@ -343,6 +343,7 @@ def test_many_documents_share_of_question_answering_records():
     assert set(none) == {1, 2, 3} and 0.4 < none.count(1) / 200 < 0.8  # half of them one easy document
     assert none.count(1) / 200 - 0.35 < half.count(1) / 200 < none.count(1) / 200 - 0.1
 
+
 def test_binding_records_ask_about_a_value_and_by_it():
     binding = fresh_worlds.FreshWorlds(binding=1.0)
     records = [binding.record("qa", make_world.random.Random(f"binding/{i}")) for i in range(200)]
