@@ -57,10 +57,10 @@ from model import (Tokenizer, Transformer, answer_text, chat_example, check_at_l
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("closed_book", "prompt", "prompt_oracle", "rag", "finetune", "adapter", "adapter_oracle", "adapter_apart")
-ORACLE_METHODS = ("prompt_oracle", "adapter_oracle", "adapter_apart")
+PART_METHODS = ("prompt_oracle", "adapter_oracle", "adapter_apart")  # they read the parts of a context
 ADAPTER_METHODS = ("adapter", "adapter_oracle", "adapter_apart")
 # the tasks whose units know the parts of their context, and which part holds each answer
-ORACLE_TASKS = ("msc", "streamingqa")
+PART_TASKS = ("msc", "streamingqa")
 DEFAULT_DATA = {"streamingqa": "data/world/streamingqa_test.csv", "metaicl": "data/world/metaicl",
                 "msc": "data/world/msc_self_instruct_test.jsonl"}
 MAX_NEW_TOKENS = {"streamingqa": 20, "metaicl": 10, "msc": 20, "recall": 20, "lookup": 10}
@@ -662,7 +662,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default: all of {','.join(METHODS)} but adapter_oracle "
                         f"and adapter_apart, and prompt_oracle for --task msc only; the oracle methods and "
-                        f"adapter_apart for --task {' and '.join(ORACLE_TASKS)} only)")
+                        f"adapter_apart for --task {' and '.join(PART_TASKS)} only)")
     p.add_argument("--base", default=None, help="base model directory (default: data/tiny)")
     p.add_argument("--generator", default=None,
                    help="generator directory, generator.json + generator.safetensors (default: data/tiny/generator)")
@@ -701,9 +701,9 @@ def parse_args(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise ValueError(f"--methods {args.methods}: expected some of {','.join(METHODS)}, each once")
-    for m in ORACLE_METHODS:
-        if m in methods and args.task not in ORACLE_TASKS:
-            raise ValueError(f"--methods {m}: only --task {' or '.join(ORACLE_TASKS)} knows the parts of "
+    for m in PART_METHODS:
+        if m in methods and args.task not in PART_TASKS:
+            raise ValueError(f"--methods {m}: only --task {' or '.join(PART_TASKS)} knows the parts of "
                              "its contexts and which part holds the answer")
     for name, tasks in TASK_FLAGS.items():
         if getattr(args, name) is not None and args.task not in tasks:

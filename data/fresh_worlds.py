@@ -338,10 +338,9 @@ class FreshWorlds:
         tiny base doing at chance when two facts are of one kind."""
         kind = rng.choice(LADDER_FACTS)  # a field of Person
         n = rng.randint(*BINDING_PEOPLE)
-        values = {"birth_city": lambda: rng.sample(list(world.cities), n),
-                  "birth_year": lambda: rng.sample(range(1920, 2006), n),
-                  "job": lambda: rng.sample(JOBS, n),
-                  "employer": lambda: [o.name for o in rng.sample(split.organisations, n)]}[kind]()
+        pools = {"birth_city": list(world.cities), "birth_year": range(1920, 2006), "job": JOBS,
+                 "employer": [o.name for o in split.organisations]}
+        values = rng.sample(pools[kind], n)
         people = [replace(p, **{kind: v}) for p, v in zip(rng.sample(split.people, n), values)]
         sentences, turns = [], []
         for person in people:
