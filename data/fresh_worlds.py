@@ -34,9 +34,9 @@ import re
 from dataclasses import replace
 
 from data.make_world import (EVENT_KINDS, EVENT_SENTENCES, JOBS, LADDER_FACTS, ORG_SENTENCES, PERSON_SENTENCES,
-                             STYLES, Event, NameMaker, Organisation, Person, Split, Task, World, WorldConfig,
-                             build_split, build_tasks, build_world, dialogue_text, documents_about, fact_slots,
-                             facts_of, fewshot_context, fewshot_query, msc_user, name_words, pick_entity,
+                             RANDOM_YEARS, STYLES, Event, NameMaker, Organisation, Person, Split, Task, World,
+                             WorldConfig, build_split, build_tasks, build_world, dialogue_text, documents_about,
+                             fact_slots, facts_of, fewshot_context, fewshot_query, msc_user, name_words, pick_entity,
                              reserved_words, short_name, subject_slots, write_document)
 
 KINDS = ("text", "qa", "fewshot", "dialogue", "closed_book", "lookup")
@@ -338,7 +338,7 @@ class FreshWorlds:
         tiny base doing at chance when two facts are of one kind."""
         kind = rng.choice(LADDER_FACTS)  # a field of Person
         n = rng.randint(*BINDING_PEOPLE)
-        pools = {"birth_city": list(world.cities), "birth_year": range(1920, 2006), "job": JOBS,
+        pools = {"birth_city": list(world.cities), "birth_year": RANDOM_YEARS, "job": JOBS,
                  "employer": [o.name for o in split.organisations]}
         values = rng.sample(pools[kind], n)
         people = [replace(p, **{kind: v}) for p, v in zip(rng.sample(split.people, n), values)]

@@ -901,6 +901,7 @@ def instruction_records(world: World, split_name: str, n: int, users: list, seed
 # The ladder: instruction records of rising difficulty, for the generator's instruction tuning
 
 LADDER_FACTS = ("birth_city", "birth_year", "job", "employer")  # what rungs "fact" and "people" state
+RANDOM_YEARS = range(1920, 2006)  # the birth years the ladder draws at random
 
 
 class Ladder:
@@ -991,7 +992,7 @@ class Ladder:
 
     def _random_facts(self, person: Person, split: Split, rng: random.Random) -> Person:
         """The person with LADDER_FACTS drawn at random: values only a context can hold."""
-        return replace(person, birth_city=rng.choice(list(self.world.cities)), birth_year=rng.randint(1920, 2005),
+        return replace(person, birth_city=rng.choice(list(self.world.cities)), birth_year=rng.choice(RANDOM_YEARS),
                        job=rng.choice(JOBS), employer=rng.choice(split.organisations).name)
 
     def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> tuple[dict, int]:
