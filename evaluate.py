@@ -197,7 +197,7 @@ class Unit:
     oracles: list[str] = field(default_factory=list)  # per query, the part of the context that holds its answer
     parts: list[str] = field(default_factory=list)  # the context's documents or sessions, in order
     documents: int = 0  # StreamingQA: how many documents the context joins
-    # the queries' subset, whose F1 and EM are given again as f1_<subset>, em_<subset> (StreamingQA:
+    # the queries' subset, whose F1, EM and wrong_in_context are given again under <metric>_<subset> (StreamingQA:
     # one_document or several_documents; recall: same_kind, another fact of the asked kind, or other_kinds)
     subset: str = ""
 
@@ -510,7 +510,7 @@ def adapter_answers(unit: Unit, contexts: list[str], model: Transformer, tokeniz
 
 def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], held: list[dict] = ()) -> list[dict]:
     """Per-query scores: QA metrics (with the gold's rank where there are candidates, whether a
-    wrong answer was taken from the context, and F1 and EM again under the unit's subset), or
+    wrong answer was taken from the context, and these three again under the unit's subset), or
     MetaICL's case-insensitive exact match; with what the cut prompt held of each query's context
     (`held`: demos_in_prompt, document_in_prompt)."""
     ranks, held = ranks or [{}] * len(predictions), held or [{}] * len(predictions)
@@ -522,7 +522,7 @@ def score_unit(unit: Unit, predictions: list[str], ranks: list[dict], held: list
     rows = [{**qa_scores(p, g), "wrong_in_context": wrong_in_context(p, g, unit.context), **r, **h}
             for p, g, r, h in zip(predictions, unit.golds, ranks, held)]
     if unit.subset:
-        rows = [{**row, f"f1_{unit.subset}": row["f1"], f"em_{unit.subset}": row["em"]} for row in rows]
+        rows = [{**row, **{f"{m}_{unit.subset}": row[m] for m in ("f1", "em", "wrong_in_context")}} for row in rows]
     return rows
 
 
@@ -622,6 +622,8 @@ def markdown_tables(task: str, rows: list[dict]) -> str:
                   for subset, name in (("same_kind", "another fact is of the asked kind (another birthplace "
                                                      "for a birthplace)"),
                                        ("other_kinds", "every other fact is of another kind"))]
+        parts.append(table("wrong_in_context_same_kind", "facts", "another fact of the context given, on contexts "
+                           "where another fact is of the asked kind (% of questions)"))
         parts += forms_tables(table, rows, "facts")
         column = "facts"
     else:  # MSC: a row per method, a column per metric

@@ -275,6 +275,7 @@ def test_streamingqa_scores_by_documents_and_what_the_cut_prompt_holds(tiny):
     scores = evaluate.score_unit(unit, ["Lovel", "Lovel"], [], result["held"])
     assert [(s["f1_several_documents"], s["em_several_documents"], s["document_in_prompt"]) for s in scores] == \
         [(1.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    assert [s["wrong_in_context_several_documents"] for s in scores] == [0.0, 1.0]  # Lovel for New Tarn
     assert "f1_one_document" not in scores[0]
     alone = evaluate.Unit(second, unit.queries[1:], unit.golds[1:], {"context_length": 128}, oracles=[second],
                           documents=1, subset="one_document")
@@ -368,6 +369,12 @@ def test_recall_probe(tiny):
     assert {(r["method"], r["facts"]) for r in results["rows"]} == {(m, n) for m in ("prompt", "adapter") for n in (1, 5)}
     assert "EM by facts in the context" in (tiny / "recall" / "results.md").read_text()
     assert "EM on contexts where every other fact is of another kind" in (tiny / "recall" / "results.md").read_text()
+    same = evaluate.Unit("Ana Lor was born in 1950. Bo Lin was born in 1960.", ["When was Bo Lin born?"],
+                         [["1960"]], {"facts": 2}, subset="same_kind")
+    row = {"method": "prompt", "facts": 2, **evaluate.score_unit(same, ["1950"], [])[0]}
+    assert row["em_same_kind"] == 0.0 and row["wrong_in_context_same_kind"] == 1.0  # the other person's year
+    assert "another fact of the context given, on contexts where another fact is of the asked kind" in \
+        evaluate.markdown_tables("recall", [row])
     with pytest.raises(ValueError, match="the recall probe makes its contexts"):
         evaluate.parse_args(["--task", "recall", "--data", "x.csv"])
     with pytest.raises(ValueError, match="--facts is not used by --task streamingqa"):
