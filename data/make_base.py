@@ -20,14 +20,14 @@ about two hours on 2 CPU cores:
         --icl_steps 699 --eval_interval 700 --ckpt_interval 700 --copy_rows 0.5 --lower_labels 0.5 \
         --out data/tiny --overwrite
 
-The base is a 2.2M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-query attention,
-tied embeddings, a 256-token window; --layers sets another depth). It never reads data/world/: it
-trains on text and on instruction records (context in the prompt) about worlds invented on the fly
-(data/fresh_worlds.py), so every fact of the bundled datasets is unknown to it and can only come
+The base is a 1.7M-parameter Mistral (TINY_BASE: 6 layers, width 128, grouped-query attention, tied
+embeddings, a 256-token window; --layers and --width set another shape). It never reads data/world/:
+it trains on text and on instruction records (context in the prompt) about worlds invented on the
+fly (data/fresh_worlds.py), so every fact of the bundled datasets is unknown to it and can only come
 from a context. It trains in phases, each with its own warm-up and decay: reading and mixing
-(READING_MIX, then MIX), then --icl_steps few-shot-heavy steps (ICL_MIX), then --rounds more of
-them at a lower learning rate. It validates on the committed validation files, whose entities it
-never sees, and on fresh records of in-context learning, dialogue memory and closed-book recall.
+(READING_MIX, then MIX), then --icl_steps few-shot-heavy steps (ICL_MIX), then --rounds more of them
+at a lower learning rate. It validates on the committed validation files, whose entities it never
+sees, and on fresh records of in-context learning, dialogue memory and closed-book recall.
 
 The loop is training.py's, as train.py's is: the same checkpoint/ and logs, --resume and
 --overwrite, and torchrun for several processes. Run it from the repository root after
@@ -99,10 +99,15 @@ class BaseConfig(LoopConfig):
                                        "value or by it (who was born in 1936?)")
     layers: int = setting(TINY_BASE.n_layers, "the base's depth, in layers of TINY_BASE's width and heads (the "
                                               "README's base study tried 8)")
+    width: int = setting(TINY_BASE.dim, "the base's width, a multiple of its 4 query heads: each head is WIDTH / 4 "
+                                        "wide and the MLP 3 x WIDTH (the README's recall study tried 256)")
+    text_rows: float = setting(0.25, "share of each batch's rows that are text windows (or copy and recall rows); "
+                                     "the rest pack instruction records (1.0 with --recall_rows 1.0: recall rows "
+                                     "alone, the README's recall study)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
                              "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
-                            "model.safetensors, the shape of TINY_BASE with --layers) instead of a fresh draw, "
+                            "model.safetensors, the shape of TINY_BASE with --layers and --width) instead of a fresh draw, "
                             "with a fresh optimiser and schedule (give another --seed than its run's for new "
                             "records); not read by --resume")
     redraw_alike: bool = setting(False, "with --init: draw the embeddings of the pieces the base cannot tell "
@@ -127,6 +132,11 @@ class BaseConfig(LoopConfig):
                              "shares of the same text windows")
         if self.layers < 1:
             raise ValueError(f"--layers {self.layers}: expected at least 1")
+        if self.width < TINY_BASE.n_heads or self.width % TINY_BASE.n_heads:
+            raise ValueError(f"--width {self.width}: expected a positive multiple of {TINY_BASE.n_heads}, the "
+                             "base's query heads")
+        if not 0 <= self.text_rows <= 1:
+            raise ValueError(f"--text_rows {self.text_rows}: expected a share from 0 to 1")
         if not 1 < self.common_labels <= len(LABELS):
             raise ValueError(f"--common_labels {self.common_labels}: expected 2 to {len(LABELS)}, a number of "
                              "fresh_worlds.LABELS' words")
@@ -134,8 +144,9 @@ class BaseConfig(LoopConfig):
             raise ValueError("--redraw_alike: expected --init too (a fresh base draws every embedding anew)")
 
     def shape(self) -> ModelArgs:
-        """The base trained: TINY_BASE, --layers deep."""
-        return replace(TINY_BASE, n_layers=self.layers)
+        """The base trained: TINY_BASE, --layers deep and --width wide."""
+        return replace(TINY_BASE, n_layers=self.layers, dim=self.width, head_dim=self.width // TINY_BASE.n_heads,
+                       hidden_dim=3 * self.width)
 
     def phases(self) -> list[int]:
         """Reading and mixing (READING_MIX, then MIX), then in-context learning (ICL_MIX): a
@@ -303,16 +314,17 @@ class FreshSource:
 
 
 class BaseBatches:
-    """The training rows, one window each: a quarter are text windows (loss 'text' on every
-    token), the rest are instruction examples (chat template, context in the prompt)
+    """The training rows, one window each: a share `text_rows` are text windows (loss 'text' on
+    every token; a quarter unless told), the rest are instruction examples (chat template, context in the prompt)
     packed one after another, with the loss 'answer' on their answers and 'text' on the rest
     (in a few-shot example, the demonstrations' outputs too).
 
     `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
     """
 
-    def __init__(self, texts: TextStream | FreshSource, records: RecordBatches | FreshSource, length: int):
-        self.texts, self.records, self.length = texts, records, length
+    def __init__(self, texts: TextStream | FreshSource, records: RecordBatches | FreshSource, length: int,
+                 text_rows: float = 0.25):
+        self.texts, self.records, self.length, self.text_rows = texts, records, length, text_rows
 
     def next(self, n: int) -> Batch:
         L = self.length
@@ -320,7 +332,7 @@ class BaseBatches:
         mask = torch.zeros(n, 1, L, dtype=torch.bool)
         task = torch.zeros(n, 1, L, dtype=torch.long)
         for i in range(n):
-            if i < n // 4:
+            if i < int(n * self.text_rows):
                 ids, answer = self.texts.next(), [-100] * L
             else:  # pack whole examples; the one that does not fit is dropped
                 ids, answer = [], []
@@ -347,7 +359,7 @@ class FreshBatches(BaseBatches):
     phase. The state is the source's and the number of micro-batches drawn (so the phase)."""
 
     def __init__(self, fresh: FreshSource, config: BaseConfig, world: int = 1):
-        super().__init__(fresh, fresh, fresh.length)
+        super().__init__(fresh, fresh, fresh.length, config.text_rows)
         self.fresh, self.config, self.world, self.drawn = fresh, config, world, 0
 
     def next(self, n: int) -> Batch:
@@ -379,7 +391,7 @@ def build(config: BaseConfig, proc: Process) -> Run:
         loaded = Transformer.from_pretrained(path, device)
         if loaded.args != shape:
             raise ValueError(f"{path}/config.json: a base of shape {loaded.args}; make_base.py trains {shape} "
-                             f"(--layers {config.layers})")
+                             f"(--layers {config.layers}, --width {config.width})")
         model.load_state_dict(loaded.state_dict())
 
     if config.init and not config.resume:

@@ -42,6 +42,8 @@ def test_fresh_data_resumes_from_a_counter():
     eos_positions = [i for i, t in enumerate(packed) if t == tok.eos_id]
     assert answers.count(tok.eos_id) == len(eos_positions)  # each example's answer ends with its EOS
     assert torch.equal(batch.targets[1, 0, :len(packed) - 1], torch.tensor(packed[1:]))
+    text_rows = (make_base.BaseBatches(source, source, 128, text_rows=0.5).next(8).task.sum(dim=(1, 2)) == 0)
+    assert text_rows.tolist() == [True] * 4 + [False] * 4  # --text_rows 0.5: half the rows, the first
 
 
 def test_copy_rows_recur_spans_of_earlier_pieces_and_are_functions_of_their_keys():
@@ -260,6 +262,10 @@ def test_bad_input(tmp_path, capsys):
         make_base.parse_args(["--steps", "0"])
     with pytest.raises(ValueError, match="--layers 0: expected at least 1"):
         make_base.parse_args(["--layers", "0"])
+    with pytest.raises(ValueError, match="--width 130: expected a positive multiple of 4, the base's query heads"):
+        make_base.parse_args(["--width", "130"])
+    with pytest.raises(ValueError, match="--text_rows 1.5: expected a share from 0 to 1"):
+        make_base.parse_args(["--text_rows", "1.5"])
     with pytest.raises(FileNotFoundError, match=r"tokenizer model .*nope\.model does not exist"):
         make_base.main(base_args(tmp_path / "no_tokenizer", "--tokenizer", str(tmp_path / "nope.model")))
     assert make_base.parse_args([]).out == str(ROOT / "runs" / "base")
@@ -353,11 +359,17 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
                                rtol=0, atol=1e-6)
     other = Transformer(replace(make_base.TINY_BASE, n_layers=2))
     other.save_pretrained(tmp_path / "other")
-    refused = r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains .*\(--layers 6\)"
+    refused = r"other/config.json: a base of shape .*n_layers=2.*make_base.py trains .*\(--layers 6, --width 128\)"
     with pytest.raises(ValueError, match=refused):
         make_base.main(base_args(tmp_path / "refused", "--init", str(tmp_path / "other")))
     deeper = make_base.main(base_args(tmp_path / "deeper", "--init", str(tmp_path / "other"), "--layers", "2"))
     assert Transformer.from_pretrained(deeper).args == replace(make_base.TINY_BASE, n_layers=2)
+    # a narrower base from scratch, on recall rows alone (the README's recall study, at toy sizes)
+    narrow = make_base.main(base_args(tmp_path / "narrow", "--width", "16", "--layers", "2", "--text_rows", "1.0",
+                                      "--recall_rows", "1.0"))
+    assert Transformer.from_pretrained(narrow).args == replace(make_base.TINY_BASE, n_layers=2, dim=16, head_dim=4,
+                                                               hidden_dim=48)
+    assert all("loss_answer" not in r for r in log(narrow))  # no row packs records
 
 
 def rebuild_commands(text: str) -> list[list[str]]:
