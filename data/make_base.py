@@ -107,9 +107,9 @@ class BaseConfig(LoopConfig):
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
                              "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
-                            "model.safetensors, the shape of TINY_BASE with --layers and --width) instead of a fresh draw, "
-                            "with a fresh optimiser and schedule (give another --seed than its run's for new "
-                            "records); not read by --resume")
+                            "model.safetensors, the shape of TINY_BASE with --layers and --width) instead of a "
+                            "fresh draw, with a fresh optimiser and schedule (give another --seed than its run's "
+                            "for new records); not read by --resume")
     redraw_alike: bool = setting(False, "with --init: draw the embeddings of the pieces the base cannot tell "
                                         "apart (alike_pieces) anew before training on, so that copy rows can "
                                         "teach it to read them")
@@ -315,9 +315,9 @@ class FreshSource:
 
 class BaseBatches:
     """The training rows, one window each: a share `text_rows` are text windows (loss 'text' on
-    every token; a quarter unless told), the rest are instruction examples (chat template, context in the prompt)
-    packed one after another, with the loss 'answer' on their answers and 'text' on the rest
-    (in a few-shot example, the demonstrations' outputs too).
+    every token; a quarter unless told), the rest are instruction examples (chat template,
+    context in the prompt) packed one after another, with the loss 'answer' on their answers and
+    'text' on the rest (in a few-shot example, the demonstrations' outputs too).
 
     `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
     """
