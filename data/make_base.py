@@ -63,6 +63,7 @@ WORLD = ROOT / "data" / "world"
 TINY_BASE = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
                       vocab_size=4096, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
                       tie_embeddings=True, model_type="mistral", dtype="float32")
+TEXT_ROWS = 0.25  # the share of a batch's rows that are text windows; the rest pack instruction records
 
 
 @dataclass
@@ -101,9 +102,9 @@ class BaseConfig(LoopConfig):
                                               "README's base study tried 8)")
     width: int = setting(TINY_BASE.dim, "the base's width, a multiple of its 4 query heads: each head is WIDTH / 4 "
                                         "wide and the MLP 3 x WIDTH (the README's recall study tried 256)")
-    text_rows: float = setting(0.25, "share of each batch's rows that are text windows (or copy and recall rows); "
-                                     "the rest pack instruction records (1.0 with --recall_rows 1.0: recall rows "
-                                     "alone, the README's recall study)")
+    text_rows: float = setting(TEXT_ROWS, "share of each batch's rows that are text windows (or copy and recall rows); "
+                                          "the rest pack instruction records (1.0 with --recall_rows 1.0: recall "
+                                          "rows alone, the README's recall study)")
     tokenizer: str = setting(str(TINY / "tokenizer.model"), "the sentencepiece model to train with "
                              "(data/make_tokenizer.py makes it); copied beside the base", path=True)
     init: str = setting("", "continue training a base: start from the weights in this directory (config.json + "
@@ -315,7 +316,7 @@ class FreshSource:
 
 class BaseBatches:
     """The training rows, one window each: a share `text_rows` are text windows (loss 'text' on
-    every token; a quarter unless told), the rest are instruction examples (chat template,
+    every token; TEXT_ROWS unless told), the rest are instruction examples (chat template,
     context in the prompt) packed one after another, with the loss 'answer' on their answers and
     'text' on the rest (in a few-shot example, the demonstrations' outputs too).
 
@@ -323,7 +324,7 @@ class BaseBatches:
     """
 
     def __init__(self, texts: TextStream | FreshSource, records: RecordBatches | FreshSource, length: int,
-                 text_rows: float = 0.25):
+                 text_rows: float = TEXT_ROWS):
         self.texts, self.records, self.length, self.text_rows = texts, records, length, text_rows
 
     def next(self, n: int) -> Batch:
