@@ -82,6 +82,11 @@ class BaseConfig(LoopConfig):
     recall_rows: float = setting(0.0, "share of the text windows that are recall rows (FreshSource.recall_row): "
                                       "random keys and values, keys asked again, which only a reader that finds "
                                       "the key and copies the value after it predicts")
+    recall_loss: str = setting("text", "where a recall row's loss is: 'text', on every token; 'answer', on the values "
+                                       "of its repeated entries as the loss 'answer' (the one a record's answers "
+                                       "have, as much weight as all text) and 'text' on the rest; 'asked', on "
+                                       "those values alone (Zoology's labels): the rest is mostly random pieces "
+                                       "no reader predicts (the README's recall study)")
     lookup_rows: float = setting(0.0, "share of the few-shot records that are look-up records (FreshWorlds' "
                                       "'lookup' kind): the query's key is among the demonstrations'")
     invented_labels: float = setting(INVENTED_LABELS, "share of the labels of invented classification tasks that "
@@ -131,6 +136,8 @@ class BaseConfig(LoopConfig):
         if self.copy_rows + self.recall_rows > 1:
             raise ValueError(f"--copy_rows {self.copy_rows} + --recall_rows {self.recall_rows}: expected at most 1, "
                              "shares of the same text windows")
+        if self.recall_loss not in RECALL_LOSSES:
+            raise ValueError(f"--recall_loss {self.recall_loss}: expected one of {', '.join(RECALL_LOSSES)}")
         if self.layers < 1:
             raise ValueError(f"--layers {self.layers}: expected at least 1")
         if self.width < TINY_BASE.n_heads or self.width % TINY_BASE.n_heads:
@@ -170,6 +177,7 @@ RECIPE = dict(val_data=[str(WORLD / "pretrain_validation.jsonl.gz"), str(WORLD /
 READING_DRAWS = 120_000
 COPY_SPAN = (2, 12)  # the lengths of the spans a copy row repeats, in pieces
 RECALL_VALUES = (2, 8)  # how many values a recall row's keys map to
+RECALL_LOSSES = ("text", "answer", "asked")  # where a recall row's loss is (BaseConfig.recall_loss)
 TASKS = ("text", "answer")  # the losses: next token of text rows, and of answers
 # What validation measures on fresh records besides the files: in-context learning of invented
 # tasks, dialogue memory, and closed-book answers about the library's entities never asked about.
@@ -223,8 +231,10 @@ class FreshSource:
     counter is all the state."""
 
     def __init__(self, tokenizer: Tokenizer, length: int, seed: int, rank: int = 0, reading: int = 0,
-                 copy: float = 0.0, lookup: float = 0.0, worlds: tuple = (), recall: float = 0.0):
+                 copy: float = 0.0, lookup: float = 0.0, worlds: tuple = (), recall: float = 0.0,
+                 recall_loss: str = "text"):
         self.tokenizer, self.length, self.prefix, self.reading = tokenizer, length, f"{seed}/{rank}", reading
+        self.recall_loss = recall_loss
         # worlds: FreshWorlds' shares (invented_labels, lower_labels, common_labels, invented_phrasing,
         # many_documents, binding), or () for its defaults
         self.worlds = FreshWorlds(WorldConfig(), *worlds)
@@ -252,9 +262,9 @@ class FreshSource:
                 ids += ids[start:start + n]
         return ids[:self.length]
 
-    def recall_row(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        """A recall row of `length` tokens, and where the values of its repeated entries start
-        (recall_accuracy asks them): BOS, then entries `key sep value end` of random
+    def recall_row(self, rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
+        """A recall row of `length` tokens, and the spans (start, length) of the values of its
+        repeated entries (recall_accuracy asks them): BOS, then entries `key sep value end` of random
         pieces of words (a key of 1-3 pieces, one of RECALL_VALUES values of 1-4 pieces; sep and
         end of 1-3 and 1-2 pieces, the same for the whole row); half the entries, once there are
         two, repeat an earlier one. A repeated entry's value follows its key only through sep, as a
@@ -269,26 +279,39 @@ class FreshSource:
         while len(ids) < self.length:
             if len(entries) >= 2 and rng.random() < 0.5:
                 key, value = rng.choice(entries)
-                asked.append(len(ids) + len(key) + len(sep))
+                asked.append((len(ids) + len(key) + len(sep), len(value)))
             else:
                 key, value = rng.choices(self.pieces, k=rng.randint(1, 3)), rng.choice(values)
                 entries.append((key, value))
             ids += key + sep + value + end
-        return ids[:self.length], [i for i in asked if i < self.length]
+        return ids[:self.length], [(i, min(n, self.length - i)) for i, n in asked if i < self.length]
 
-    def next(self) -> list[int]:
-        """A text window of `length` tokens (BOS, then documents), or a copy or recall row."""
+    def row(self) -> tuple[list[int], list[int], bool]:
+        """A text window of `length` tokens (BOS, then documents), or a copy or recall row; its
+        answer targets (-100 where none); and whether its other tokens have the loss 'text'. Only
+        a recall row has answers, its asked values' pieces where they are predicted, unless
+        recall_loss is 'text'; and only under 'asked' do its other tokens have no loss."""
+        L = self.length
         while True:
             key = self._key()
             rng = random.Random(f"fresh/copy/{key}")
             draw = rng.random()
             if draw < self.copy:
-                return self.copy_row(rng)
+                return self.copy_row(rng), [-100] * L, True
             if draw < self.copy + self.recall:
-                return self.recall_row(rng)[0]
+                ids, asked = self.recall_row(rng)
+                answer = [-100] * L
+                if self.recall_loss != "text":
+                    for start, n in asked:
+                        answer[start - 1:start + n - 1] = ids[start:start + n]
+                return ids, answer, self.recall_loss != "asked"
             ids = self.tokenizer.encode(self.worlds.text(key, library=self.count % 2 == 0))
-            if len(ids) >= self.length:
-                return ids[:self.length]
+            if len(ids) >= L:
+                return ids[:L], [-100] * L, True
+
+    def next(self) -> list[int]:
+        """The tokens of the next row()."""
+        return self.row()[0]
 
     def mix(self) -> dict[str, float]:
         """The shares of the record kinds of the next draw; a share `lookup` of the few-shot
@@ -318,9 +341,11 @@ class BaseBatches:
     """The training rows, one window each: a share `text_rows` are text windows (loss 'text' on
     every token; TEXT_ROWS unless told), the rest are instruction examples (chat template,
     context in the prompt) packed one after another, with the loss 'answer' on their answers and
-    'text' on the rest (in a few-shot example, the demonstrations' outputs too).
+    'text' on the rest (in a few-shot example, the demonstrations' outputs too). A recall row's
+    asked values may have the loss 'answer' too, and its other tokens none (recall_loss).
 
-    `texts` has next() -> ids of a full window; `records` has example() -> (ids, answer targets).
+    `texts` has next() -> ids of a full window (a FreshSource has row() -> (ids, answer targets,
+    whether the rest has the loss 'text')); `records` has example() -> (ids, answer targets).
     """
 
     def __init__(self, texts: TextStream | FreshSource, records: RecordBatches | FreshSource, length: int,
@@ -332,9 +357,10 @@ class BaseBatches:
         tokens = torch.zeros(n, 1, L, dtype=torch.long)
         mask = torch.zeros(n, 1, L, dtype=torch.bool)
         task = torch.zeros(n, 1, L, dtype=torch.long)
+        text_loss = torch.ones(n, 1, 1, dtype=torch.bool)  # whether a row's tokens other than answers have a loss
         for i in range(n):
             if i < int(n * self.text_rows):
-                ids, answer = self.texts.next(), [-100] * L
+                ids, answer, text_loss[i] = self.text_row()
             else:  # pack whole examples; the one that does not fit is dropped
                 ids, answer = [], []
                 while True:
@@ -345,7 +371,15 @@ class BaseBatches:
             tokens[i, 0, :len(ids)], mask[i, 0, :len(ids)] = torch.tensor(ids), True
             task[i, 0, :len(ids)] = (torch.tensor(answer) != -100).long()
         targets = next_token_targets(tokens, mask)  # answers' targets are their next tokens too
+        targets.masked_fill_(~text_loss & (task == 0), -100)
         return Batch(tokens, mask, targets, torch.zeros(1, 1, dtype=torch.bool), task)
+
+    def text_row(self) -> tuple[list[int], list[int], bool]:
+        """The next text row, its answer targets and whether its other tokens have the loss 'text'
+        (FreshSource.row; a text stream's windows have no answers)."""
+        if isinstance(self.texts, FreshSource):
+            return self.texts.row()
+        return self.texts.next(), [-100] * self.length, True
 
     def state_dict(self) -> dict:
         return {"texts": self.texts.state_dict(), "records": self.records.state_dict()}
@@ -401,7 +435,8 @@ def build(config: BaseConfig, proc: Process) -> Run:
             redraw_alike(model, tokenizer)
     fresh = FreshSource(tokenizer, L, config.seed, proc.rank, READING_DRAWS, config.copy_rows, config.lookup_rows,
                         (config.invented_labels, config.lower_labels, config.common_labels,
-                         config.invented_phrasing, config.many_documents, config.binding_rows), config.recall_rows)
+                         config.invented_phrasing, config.many_documents, config.binding_rows), config.recall_rows,
+                        config.recall_loss)
     texts = [p for p in config.val_data if "instructions" not in Path(p).name]
     records = [p for p in config.val_data if "instructions" in Path(p).name]
     if not texts or not records:
@@ -447,7 +482,7 @@ def recall_accuracy(model: Transformer, tokenizer: Tokenizer, rows: int = 32) ->
     device = model.embed_tokens.weight.device
     tokens = torch.tensor([ids for ids, _ in drawn], device=device)  # (B, L)
     predicted = model(tokens).argmax(-1)  # (B, L): the piece predicted after each position
-    b, i = torch.tensor([(b, i) for b, (_, asked) in enumerate(drawn) for i in asked], device=device).T
+    b, i = torch.tensor([(b, i) for b, (_, asked) in enumerate(drawn) for i, _ in asked], device=device).T
     return (predicted[b, i - 1] == tokens[b, i]).float().mean().item()
 
 

@@ -114,8 +114,10 @@ def test_recall_rows_ask_keys_again_through_their_separator():
     assert 8 <= sum(r not in copy_only for r in rows) <= 32  # the recall rows, and the texts of other keys
     pieces, by_last = set(make_base.word_pieces(tok)), []
     for i in range(8):
-        row, asked = source.recall_row(random.Random(f"r{i}"))
+        row, spans = source.recall_row(random.Random(f"r{i}"))
+        asked = [p for p, _ in spans]
         assert len(row) == 256 and row[0] == tok.bos_id and set(row[1:]) <= pieces and len(asked) >= 5
+        assert all(1 <= n <= 4 and p + n <= 256 for p, n in spans)  # a value's 1-4 pieces, within the row
         longest, last = next_pieces(row, longest=True), next_pieces(row, longest=False)
         # a repeated entry's value is found by its key and sep, not by what followed sep's last piece
         assert all(longest[p - 1] == row[p] for p in asked)
@@ -127,6 +129,40 @@ def test_recall_rows_ask_keys_again_through_their_separator():
         make_base.parse_args(["--copy_rows", "0.75", "--recall_rows", "0.5"])
     with pytest.raises(ValueError, match="--recall_rows -0.1: expected a share from 0 to 1"):
         make_base.parse_args(["--recall_rows", "-0.1"])
+
+
+def test_recall_loss_moves_a_recall_rows_asked_values_into_the_answer_loss_or_keeps_them_alone():
+    """--recall_loss: the same rows; 'text' (the default) every next token in the loss 'text';
+    'answer' each asked value's pieces, where they are predicted, in the loss 'answer', the rest
+    in 'text'; 'asked' those pieces alone. Text windows keep every token in 'text'."""
+    tok = Tokenizer(TOKENIZER, template="mistral")
+    batches, drawn = {}, []
+    for loss in make_base.RECALL_LOSSES:
+        source = make_base.FreshSource(tok, 256, seed=0, recall=0.5, recall_loss=loss)
+        recall_row = source.recall_row
+        source.recall_row = lambda rng: drawn.append(recall_row(rng)) or drawn[-1]  # the recall rows, in order
+        batches[loss] = make_base.BaseBatches(source, source, 256, text_rows=1.0).next(12)
+    text, answer, asked = batches.values()
+    assert torch.equal(text.tokens, answer.tokens) and torch.equal(text.tokens, asked.tokens)
+    assert torch.equal(text.targets, answer.targets) and (text.task == 0).all()
+    k = len(drawn) // 3  # each source drew the same recall rows
+    assert 3 <= k <= 9 and drawn[:k] == drawn[k:2 * k] == drawn[2 * k:]
+    recall = iter(drawn[:k])
+    for i in range(12):
+        if (answer.task[i] == 0).all():  # a text window: every next token, the loss 'text'
+            assert asked.supervised[i].sum() == 255 and (asked.task[i] == 0).all()
+            continue
+        row, spans = next(recall)
+        assert text.tokens[i, 0].tolist() == row and text.supervised[i].sum() == 255
+        predicted = sorted(p for start, n in spans for p in range(start - 1, start + n - 1))
+        assert answer.task[i, 0].nonzero().flatten().tolist() == predicted
+        assert asked.supervised[i, 0].nonzero().flatten().tolist() == predicted
+        assert (asked.task[i, 0, predicted] == 1).all()
+        assert torch.equal(asked.targets[i, 0, predicted], text.tokens[i, 0, [p + 1 for p in predicted]])
+    assert next(recall, None) is None
+    assert make_base.parse_args(["--recall_loss", "asked"]).recall_loss == "asked"
+    with pytest.raises(ValueError, match="--recall_loss all: expected one of text, answer, asked"):
+        make_base.parse_args(["--recall_loss", "all"])
 
 
 def test_resume_of_a_checkpoint_written_before_a_setting_existed():
@@ -341,15 +377,22 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     # --redraw_alike: the alike pieces of the start start anew, every other weight as loaded;
     # --copy_rows, --lookup_rows, --invented_labels, --lower_labels, --common_labels, --invented_phrasing,
-    # --many_documents, --binding_rows and --recall_rows reach the training data (FreshSource's arguments after `reading`)
+    # --many_documents, --binding_rows, --recall_rows and --recall_loss reach the training data (FreshSource's
+    # arguments after `reading`)
     shares = []
-    monkeypatch.setattr(make_base, "FreshSource", lambda *a: shares.append(a[5:]) or real_source(*a))
+
+    class Recorded(real_source):
+        def __init__(self, *args):
+            shares.append(args[5:])
+            super().__init__(*args)
+
+    monkeypatch.setattr(make_base, "FreshSource", Recorded)
     redrawn = make_base.main(base_args(tmp_path / "redrawn", "--init", str(make_base.TINY), "--lr", "1e-12",
                                        "--redraw_alike", "--copy_rows", "0.25", "--lookup_rows", "0.5",
                                        "--invented_labels", "0.8", "--lower_labels", "0.4", "--common_labels", "100",
-                                       "--invented_phrasing", "0.3", "--recall_rows", "0.125",
+                                       "--invented_phrasing", "0.3", "--recall_rows", "0.125", "--recall_loss", "asked",
                                        "--many_documents", "0.6", "--binding_rows", "0.7"))
-    assert shares[0] == (0.25, 0.5, (0.8, 0.4, 100, 0.3, 0.6, 0.7), 0.125)  # then validation's recall rows: no shares
+    assert shares[0] == (0.25, 0.5, (0.8, 0.4, 100, 0.3, 0.6, 0.7), 0.125, "asked")  # then validation's recall rows: no shares
     alike = make_base.alike_pieces(*load(make_base.TINY))
     drawn = Transformer.from_pretrained(redrawn).state_dict()
     rows = torch.zeros(len(drawn["embed_tokens.weight"]), dtype=torch.bool)
@@ -364,12 +407,14 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
         make_base.main(base_args(tmp_path / "refused", "--init", str(tmp_path / "other")))
     deeper = make_base.main(base_args(tmp_path / "deeper", "--init", str(tmp_path / "other"), "--layers", "2"))
     assert Transformer.from_pretrained(deeper).args == replace(make_base.TINY_BASE, n_layers=2)
-    # a narrower base from scratch, on recall rows alone (the README's recall study, at toy sizes)
+    # a narrower base from scratch, on recall rows alone, the loss on their asked values (the README's
+    # recall study, at toy sizes)
     narrow = make_base.main(base_args(tmp_path / "narrow", "--width", "16", "--layers", "2", "--text_rows", "1.0",
-                                      "--recall_rows", "1.0"))
+                                      "--recall_rows", "1.0", "--recall_loss", "asked"))
     assert Transformer.from_pretrained(narrow).args == replace(make_base.TINY_BASE, n_layers=2, dim=16, head_dim=4,
                                                                hidden_dim=48)
-    assert all("loss_answer" not in r for r in log(narrow))  # no row packs records
+    # no row packs records, and no recall row has a loss outside its asked values
+    assert all("loss_text" not in r and "loss_answer" in r for r in log(narrow) if "step" in r)
 
 
 def rebuild_commands(text: str) -> list[list[str]]:
