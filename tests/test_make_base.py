@@ -392,7 +392,8 @@ def test_init_continues_a_base(tmp_path, monkeypatch):
                                        "--invented_labels", "0.8", "--lower_labels", "0.4", "--common_labels", "100",
                                        "--invented_phrasing", "0.3", "--recall_rows", "0.125", "--recall_loss", "asked",
                                        "--many_documents", "0.6", "--binding_rows", "0.7"))
-    assert shares[0] == (0.25, 0.5, (0.8, 0.4, 100, 0.3, 0.6, 0.7), 0.125, "asked")  # then validation's recall rows: no shares
+    # then validation's recall rows: no shares
+    assert shares[0] == (0.25, 0.5, (0.8, 0.4, 100, 0.3, 0.6, 0.7), 0.125, "asked")
     alike = make_base.alike_pieces(*load(make_base.TINY))
     drawn = Transformer.from_pretrained(redrawn).state_dict()
     rows = torch.zeros(len(drawn["embed_tokens.weight"]), dtype=torch.bool)
