@@ -309,10 +309,6 @@ class FreshSource:
             if len(ids) >= L:
                 return ids[:L], [-100] * L, True
 
-    def next(self) -> list[int]:
-        """The tokens of the next row()."""
-        return self.row()[0]
-
     def mix(self) -> dict[str, float]:
         """The shares of the record kinds of the next draw; a share `lookup` of the few-shot
         records are look-up records."""
@@ -344,8 +340,9 @@ class BaseBatches:
     'text' on the rest (in a few-shot example, the demonstrations' outputs too). A recall row's
     asked values may have the loss 'answer' too, and its other tokens none (recall_loss).
 
-    `texts` has next() -> ids of a full window (a FreshSource has row() -> (ids, answer targets,
-    whether the rest has the loss 'text')); `records` has example() -> (ids, answer targets).
+    `texts` is a FreshSource (row() -> (ids, answer targets, whether the rest has the loss
+    'text')) or a text stream (next() -> ids of a full window); `records` has example() -> (ids,
+    answer targets).
     """
 
     def __init__(self, texts: TextStream | FreshSource, records: RecordBatches | FreshSource, length: int,

@@ -25,7 +25,7 @@ TOKENIZER = ROOT / "data" / "tiny" / "tokenizer.model"
 def test_fresh_data_resumes_from_a_counter():
     tok = Tokenizer(TOKENIZER, template="mistral")
     source = make_base.FreshSource(tok, 128, seed=0)
-    first = source.next()
+    first = source.row()[0]
     assert len(first) == 128 and first[0] == tok.bos_id
     state = source.state_dict()
     examples = [source.example() for _ in range(3)]
@@ -49,7 +49,7 @@ def test_fresh_data_resumes_from_a_counter():
 def test_copy_rows_recur_spans_of_earlier_pieces_and_are_functions_of_their_keys():
     tok = Tokenizer(TOKENIZER, template="mistral")
     source = make_base.FreshSource(tok, 256, seed=0, copy=0.5)
-    rows = [source.next() for _ in range(40)]
+    rows = [source.row()[0] for _ in range(40)]
     texts = {tuple(tok.encode(source.worlds.text(f"0/0/{k}", library=k % 2 == 0))[:256]) for k in range(1, 80)}
     copies = [row for row in rows if tuple(row) not in texts]
     pieces = set(make_base.word_pieces(tok))
@@ -69,9 +69,9 @@ def test_copy_rows_recur_spans_of_earlier_pieces_and_are_functions_of_their_keys
         assert len(offsets) > 20
     again = make_base.FreshSource(tok, 256, seed=0, copy=0.5)
     again.load_state_dict({"count": 10})
-    assert [again.next() for _ in range(30)] == rows[10:]
+    assert [again.row()[0] for _ in range(30)] == rows[10:]
     plain = make_base.FreshSource(tok, 256, seed=0)  # no copy rows: the text windows alone
-    assert [plain.next() for _ in range(3)] == [tok.encode(source.worlds.text(f"0/0/{k}", library=k % 2 == 0))[:256]
+    assert [plain.row()[0] for _ in range(3)] == [tok.encode(source.worlds.text(f"0/0/{k}", library=k % 2 == 0))[:256]
                                                 for k in (1, 2, 3)]
     with pytest.raises(ValueError, match="--copy_rows 1.5: expected a share from 0 to 1"):
         make_base.parse_args(["--copy_rows", "1.5"])
@@ -108,7 +108,7 @@ def test_recall_rows_ask_keys_again_through_their_separator():
     tok = Tokenizer(TOKENIZER, template="mistral")
     source = make_base.FreshSource(tok, 256, seed=0, copy=0.25, recall=0.5)
     plain = make_base.FreshSource(tok, 256, seed=0, copy=0.25)
-    rows, copy_only = [source.next() for _ in range(40)], [plain.next() for _ in range(40)]
+    rows, copy_only = [source.row()[0] for _ in range(40)], [plain.row()[0] for _ in range(40)]
     # the same draw picks copy rows first, so the copy rows are those of --copy_rows alone
     assert [r for r in rows if r in copy_only] == [r for r in copy_only if r in rows] and len(set(map(tuple, rows))) == 40
     assert 8 <= sum(r not in copy_only for r in rows) <= 32  # the recall rows, and the texts of other keys
