@@ -167,6 +167,9 @@ def parse_args(argv=None) -> TrainConfig:
     if "base" in given and not config.data and not config.curriculum:
         raise ValueError("--data (or, for sft, --curriculum) is required with --base "
                          "(the bundled data is for the tiny base)")
+    if "base" in given and not config.val_data and not config.curriculum:
+        raise ValueError("--val_data is required with --base and --data (validation runs at least at the last "
+                         "step; the bundled validation files are for the tiny base)")
     return config
 
 

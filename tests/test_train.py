@@ -447,6 +447,7 @@ def test_generator_for_another_base(world, tmp_path):
     (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite deletes it"),
     (["--out", ""], "--out is empty"),
     (["--base", "/somewhere"], "is required with --base"),
+    (["--base", "/somewhere", "--data", "texts.jsonl"], "--val_data is required with --base"),
 ])
 def test_flag_errors(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -456,7 +457,7 @@ def test_flag_errors(argv, message):
 def test_flags_given_as_zero_are_honoured():
     config = train.parse_args(["--weight_decay", "0", "--warmup", "0", "--lr", "0", "--svd_niter", "0", "--seed", "0"])
     assert (config.weight_decay, config.warmup, config.lr, config.generator.svd_niter, config.seed) == (0, 0, 0, 0, 0)
-    released = ["--stage", "sft", "--base", "b", "--data", "d.jsonl", "--init", "g"]  # SFT_RELEASED: 2 epochs
+    released = ["--stage", "sft", "--base", "b", "--data", "d.jsonl", "--val_data", "v.jsonl", "--init", "g"]  # 2 epochs
     assert train.parse_args(released).epochs == 2
     assert train.parse_args(released + ["--epochs", "0"]).epochs == 0
     assert (train.parse_args(released + ["--steps", "7"]).epochs, train.parse_args(released + ["--steps", "7"]).steps) == (0, 7)
@@ -498,7 +499,7 @@ def test_resume_in_a_moved_checkout_after_a_torn_log_line(world, tmp_path, monke
 
 def test_command_line_errors_are_one_line(world, tmp_path, capsys):
     sft = ["--stage", "sft", "--base", str(world / "base"), "--data", str(world / "train.jsonl"),
-           "--init", str(tmp_path / "none"), "--out", str(tmp_path / "sft")]
+           "--val_data", str(world / "val.jsonl"), "--init", str(tmp_path / "none"), "--out", str(tmp_path / "sft")]
     for argv, message in [
             (args(world, tmp_path / "a", "--data", str(tmp_path / "missing.jsonl")), "missing.jsonl: no such file"),
             (args(world, tmp_path / "b", "--resume"), "--resume: no checkpoint in"),
