@@ -918,9 +918,11 @@ class Ladder:
                  task of its own in every record, so only the context tells what to answer;
       dialogue   an MSC user's earlier sessions, then a question about one of their own facts;
       alike      2-4 documents about people, every one stating the fact asked about (a birthplace
-                 beside birthplaces): telling apart values of one kind by whose they are.
+                 beside birthplaces): telling apart values of one kind by whose they are;
+      pairs      two people, one sentence each, both stating the fact asked about ("Maro Velin was
+                 born in Tesk. Dari Olt was born in Vesk."): that telling apart and nothing else.
 
-    In "fact", "people" and "alike" the values are drawn at random for each record (a person's
+    In "fact", "people", "alike" and "pairs" the values are drawn at random for each record (a person's
     birthplace differs between records), so the answer can only come from the context. Names come
     from the split asked for: train records name train entities (and train tasks and MSC users) only,
     validation records validation ones. A share `replay` of each rung's records are drawn from the
@@ -928,7 +930,7 @@ class Ladder:
     are not forgotten. Record i of a rung is a function of (rung, split, key, climbed).
     """
 
-    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue", "alike")
+    RUNGS = ("fact", "people", "documents", "streams", "fewshot", "tasks", "dialogue", "alike", "pairs")
     REPLAY = 0.25  # the default share of replayed records (train.py's --replay)
 
     def __init__(self, config: WorldConfig = WorldConfig(), replay: float = REPLAY):
@@ -949,6 +951,8 @@ class Ladder:
         if rung in ("fact", "people"):
             return self._facts(split, rng, people=1 if rung == "fact" else rng.randint(1, 4),
                                facts=1 if rung == "fact" else None)[0]
+        if rung == "pairs":
+            return self._facts(split, rng, people=2, facts=1, kind=rng.choice(LADDER_FACTS))[0]
         if rung == "fewshot":
             return fewshot_instruction(rng.choice(self.tasks), split, rng)
         if rung == "tasks":
@@ -995,14 +999,16 @@ class Ladder:
         return replace(person, birth_city=rng.choice(list(self.world.cities)), birth_year=rng.choice(RANDOM_YEARS),
                        job=rng.choice(JOBS), employer=rng.choice(split.organisations).name)
 
-    def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None) -> tuple[dict, int]:
-        """Sentences stating random facts of `people` people (`facts` each, or 1-3), and a
-        question about one of them; and how many of the other people's facts are of its kind."""
+    def _facts(self, split: Split, rng: random.Random, people: int, facts: int | None,
+               kind: str | None = None) -> tuple[dict, int]:
+        """Sentences stating random facts of `people` people (`facts` each, or 1-3; with `kind`,
+        that one fact each), and a question about one of them; and how many of the other people's
+        facts are of its kind."""
         sentences, questions, kinds = [], [], []
         for person in rng.sample(split.people, people):
             person = self._random_facts(person, split, rng)
             slots = {**fact_slots(self.world, person), **subject_slots(person, by_name=True)}
-            stated = rng.sample(LADDER_FACTS, facts or rng.randint(1, 3))
+            stated = [kind] if kind else rng.sample(LADDER_FACTS, facts or rng.randint(1, 3))
             sentences += [rng.choice(PERSON_SENTENCES[(r,)]).format(**slots) for r in stated]
             questions += [facts_of(self.world, person)[r] for r in stated]
             kinds += [(person.name, r) for r in stated]

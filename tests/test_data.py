@@ -377,6 +377,12 @@ def test_ladder_rungs():
         assert not words_in(r["context"] + " " + r["prompt"] for r in rows) & others, (rung, split)
     fact = records["fact", "train"]
     assert all(r["context"].count(". ") == 0 for r in fact)  # one sentence
+    # pairs: two sentences, the other one of the asked kind too (the recall probe's count of such facts)
+    pure = make_world.Ladder(replay=0)
+    assert all(pure.record("pairs", "train", str(i))["context"].count(". ") == 1 for i in range(40))
+    split, rng = pure.world.splits["train"], make_world.random.Random(0)
+    assert all(pure._facts(split, rng, people=2, facts=1, kind=kind)[1] == 1
+               for kind in make_world.LADDER_FACTS for _ in range(10))
     assert ladder.record("people", "train", "3") == make_world.Ladder().record("people", "train", "3")
     # only the context holds the values: they are drawn anew, not the person's facts in the world
     asked = [r for r in fact if r["prompt"].startswith("Where was ")]
