@@ -63,10 +63,10 @@ class TrainConfig(LoopConfig):
     init: str = setting("", "sft: directory of the pretrained generator to start from (not read by --resume)",
                         path=True)
     curriculum: list[str] = setting([], "sft: phases RUNG:STEPS, comma separated, climbed in order: each trains "
-                                        "on records of one rung of data/make_world.py's Ladder (fact, people, "
-                                        "documents, streams, fewshot, tasks, dialogue, alike, pairs) about the bundled "
-                                        "world's train split (tasks: invented worlds), validates on its validation "
-                                        "split, and restarts the learning-rate schedule; a share --replay of a phase's "
+                                        "on records of one rung of data/make_world.py's Ladder "
+                                        f"({', '.join(Ladder.RUNGS)}) about the bundled world's train split "
+                                        "(tasks: invented worlds), validates on its validation split, and "
+                                        "restarts the learning-rate schedule; a share --replay of a phase's "
                                         "records replay the rungs below it and those of the earlier phases; the "
                                         "steps add up to --steps. Giving --data without --curriculum trains on "
                                         "--data instead")
